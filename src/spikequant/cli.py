@@ -1,0 +1,165 @@
+"""The ``spikequant`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spikequant.errors import SpikequantError
+from spikequant.models import DEFAULT_MODEL
+
+DEMO_RECIPES = ("fp", "w8a8-tensor", "w8a8-tensor-static", "w8a8-token")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in name ({DEFAULT_MODEL}), .gguf file, local HF directory, saved spikequant "
+                        "directory or hub id (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, seqlen: int = 2048) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding wikitext-2/ (or $SPIKEQUANT_DATA_DIR); without it the hub copy is used")
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4 or a path to a text file")
+    p.add_argument("--seqlen", type=int, default=seqlen, help="evaluation window length (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--no-kl", action="store_true", help="skip the KL / top-1 comparison with the FP model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default=None, help="write the machine-readable report here")
+    p.add_argument("--markdown", default=None, help="write a markdown report here")
+
+
+def _session(args: argparse.Namespace):
+    from spikequant.pipeline import Session
+
+    return Session(model_source=args.model, data_dir=args.data_dir, dataset=args.dataset, seqlen=args.seqlen,
+                   max_windows=args.max_windows, dtype=args.dtype, device=args.device, kl=not args.no_kl,
+                   progress=not args.no_progress)
+
+
+def _print_table(reports: list[dict]) -> None:
+    from spikequant.reports import markdown_table, result_row
+
+    print(markdown_table([result_row(r) for r in reports]))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from spikequant.export import is_quantized_dir
+    from spikequant.pipeline import run_saved, save_report_files
+    from spikequant.recipes import load_recipe
+
+    session = _session(args)
+    if is_quantized_dir(args.model):
+        if args.recipe:
+            raise SpikequantError(f"{args.model} is a saved quantized model; it carries its recipe, drop --recipe")
+        report, recipe = run_saved(session, args.model)
+    else:
+        recipe = load_recipe(args.recipe or "fp")
+        report, _ = session.run(recipe)
+    _print_table([report])
+    save_report_files([report], args.json, args.markdown, f"spikequant eval: {recipe.name}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from spikequant.export import save_quantized
+    from spikequant.pipeline import quantize
+    from spikequant.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SpikequantError(f"output directory {out} is not empty; pass --overwrite to replace its files")
+    session = _session(args)
+    session.kl = False
+    loaded = session.loaded
+    qm, findings = quantize(loaded.model, recipe, lambda: session.calibration(recipe), not args.no_progress)
+    save_quantized(qm, loaded.tokenizer, recipe, args.model, out, findings)
+    print(f"saved {recipe.name} quantization of {args.model} to {out} "
+          f"({sum(not m.is_float for m in qm.plan.values())} linears quantized, "
+          f"{100 * qm.high_precision_share():.2f}% of linear parameters in high precision)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from spikequant.pipeline import save_report_files
+    from spikequant.recipes import load_recipe
+
+    recipes = [load_recipe(r) for r in DEMO_RECIPES]
+    session = _session(args)
+    reports = [session.run(r)[0] for r in recipes]
+    print(f"\n{args.model} on {reports[0]['data']['name']}: {reports[0]['data']['windows']} windows x "
+          f"{args.seqlen} tokens\n")
+    _print_table(reports)
+    out = Path(args.output)
+    save_report_files(reports, out / "demo.json", out / "demo.md", f"spikequant demo: {args.model}")
+    print(f"\nreports: {out / 'demo.json'}, {out / 'demo.md'}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from spikequant.recipes import list_presets, load_recipe
+
+    for name in list_presets():
+        print(f"{name:28s} {load_recipe(name).description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spikequant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="evaluate a model (optionally quantized by a recipe): PPL, KL, top-1")
+    _add_model_args(p)
+    p.add_argument("--recipe", default=None, help="preset name or .yaml/.json file (default: fp)")
+    _add_data_args(p)
+    _add_report_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="quantize a model by a recipe and save it")
+    _add_model_args(p)
+    p.add_argument("--recipe", required=True, help="preset name or .yaml/.json file")
+    p.add_argument("--output", required=True, help="directory to write the quantized model to")
+    p.add_argument("--overwrite", action="store_true")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("demo", help="the main job: FP vs W8A8 per-tensor (dynamic, static) and per-token")
+    _add_model_args(p)
+    _add_data_args(p, seqlen=512)
+    p.set_defaults(max_windows=16)
+    p.add_argument("--output", default="results", help="folder for demo.json and demo.md (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("recipes", help="list the built-in recipe presets")
+    p.set_defaults(func=cmd_recipes)
+
+    for module in ("spikequant.hadamard.cli",):
+        try:
+            __import__(module, fromlist=["register"]).register(sub)
+        except ModuleNotFoundError as e:
+            if not module.startswith(e.name or "?"):
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpikequantError as e:
+        print(f"spikequant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spikequant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

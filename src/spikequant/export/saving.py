@@ -1,0 +1,90 @@
+"""Save a fake-quantized model (safetensors + recipe + quantization parameters) and load it back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from spikequant.errors import ModelLoadError
+from spikequant.models import LoadedModel, load_model
+from spikequant.quant import ModuleQuant, QuantizedModel, QuantSpec, attach
+from spikequant.recipes import Recipe
+
+MANIFEST = "spikequant.json"
+QPARAMS = "quantization.safetensors"
+FORMAT_VERSION = 1
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def save_quantized(
+    qm: QuantizedModel, tokenizer: Any, recipe: Recipe, base_model: str, output: str | Path,
+    findings: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``output/``: the HF model (weights already fake-quantized, so loading gives the quantized
+    values exactly), the tokenizer, ``quantization.safetensors`` (weight and static activation scales)
+    and ``spikequant.json`` (recipe, resolved plan, base model)."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    qm.model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, params in qm.weight_qparams.items():
+        for k, v in params.items():
+            tensors[f"{name}.weight.{k}"] = v.contiguous()
+    for kind, quantizers in (("input", qm.inputs), ("output", qm.outputs)):
+        for name, q in quantizers.items():
+            for k, v in q.state().items():
+                tensors[f"{name}.{kind}.{k}"] = v.contiguous()
+    save_file(tensors, str(out / QPARAMS), metadata={"format": "spikequant", "version": str(FORMAT_VERSION)})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model,
+        "recipe": recipe.to_dict(),
+        "plan": {
+            n: {s: (None if getattr(m, s) is None else getattr(m, s).to_dict()) for s in ("weights", "inputs", "outputs")}
+            for n, m in qm.plan.items()
+        },
+        "findings": findings or {},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return out
+
+
+def load_quantized(
+    path: str | Path, dtype: str = "float32", device: str | None = None
+) -> tuple[LoadedModel, QuantizedModel, Recipe, dict[str, Any]]:
+    """Load a directory written by :func:`save_quantized` with its activation quantizers re-attached
+    from the saved scales (no recalibration); weights are used as saved."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path / MANIFEST} is unreadable: {e}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: unsupported spikequant format version {manifest.get('format_version')}")
+    loaded = load_model(str(path), dtype, device)
+    plan = {
+        n: ModuleQuant(**{s: QuantSpec.from_dict(v, f"{MANIFEST}: {n}.{s}") for s, v in slots.items()})
+        for n, slots in manifest["plan"].items()
+    }
+    qm = attach(loaded.model, plan, quantize_weights=False)
+    tensors = load_file(str(path / QPARAMS))
+    for kind, quantizers in (("input", qm.inputs), ("output", qm.outputs)):
+        for name, q in quantizers.items():
+            state = {k: tensors[f"{name}.{kind}.{k}"] for k in ("scale", "zero") if f"{name}.{kind}.{k}" in tensors}
+            if q.needs_calibration and "scale" not in state:
+                raise ModelLoadError(f"{path}: static quantizer {name}.{kind} has no saved scale")
+            q.load_state(state)
+    qm.weight_qparams = {
+        n: {k: tensors[f"{n}.weight.{k}"] for k in ("scale", "zero") if f"{n}.weight.{k}" in tensors}
+        for n in plan
+        if plan[n].weights is not None
+    }
+    return loaded, qm, Recipe.from_dict(manifest["recipe"], f"{path / MANIFEST}"), manifest

@@ -1,0 +1,217 @@
+"""The model-level API: quantize a model by a recipe, and run recipes end to end with reports."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spikequant.algorithms.base import QuantContext
+from spikequant.data import Text, calibration_windows, eval_windows, load_text, tokenize
+from spikequant.eval import EvalResult, evaluate, reference_logprobs
+from spikequant.models import DEFAULT_MODEL, LoadedModel, decoder_linears, get_arch, load_model
+from spikequant.quant import ModuleQuant, QuantizedModel, attach, resolve_plan
+from spikequant.recipes import DECODER_LINEARS, Recipe
+from spikequant.reports import environment
+
+
+def build_plan(model: nn.Module, recipe: Recipe, extra_overrides=()) -> dict[str, ModuleQuant]:
+    """Resolve a recipe against a model: the quantization of every targeted linear."""
+    get_arch(model)  # fail early, with the supported list, on an unknown architecture
+    decoder = list(decoder_linears(model))
+    all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets: list[str] = []
+    for t in recipe.targets:
+        targets += [n for n in decoder] if t == DECODER_LINEARS else [t]
+    names = decoder + [n for n in all_linears if n not in set(decoder)]
+    overrides = [(list(o.match), dict(o.slots)) for o in recipe.overrides] + list(extra_overrides)
+    return resolve_plan(names, targets, ModuleQuant(recipe.weights, recipe.inputs, recipe.outputs), overrides)
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe,
+    calibration: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> tuple[QuantizedModel, dict[str, Any]]:
+    """Apply ``recipe`` to ``model`` in place: modifiers, weight quantization, activation hooks, and
+    calibration of static scales. ``calibration`` is a (N, seqlen) tensor of token ids or a function
+    returning one (called only if something needs it). Returns the handle and the modifiers' findings."""
+
+    def calib() -> torch.Tensor:
+        if calibration is None:
+            raise ValueError(f"recipe {recipe.name!r} needs calibration data, none was given")
+        return calibration() if callable(calibration) else calibration
+
+    ctx = QuantContext(model=model, calibration_windows=calib, seed=recipe.seed, progress=progress)
+    for modifier in recipe.modifiers:
+        modifier.apply(ctx)
+    plan = build_plan(model, recipe, ctx.overrides)
+    qm = attach(model, plan)
+    if qm.needs_calibration:
+        qm.calibrate(calib(), progress=progress)
+    return qm, ctx.findings
+
+
+@dataclass
+class Session:
+    """One model and one evaluation text, reused across recipes (compare runs many)."""
+
+    model_source: str = DEFAULT_MODEL
+    data_dir: str | None = None
+    dataset: str = "wikitext2"
+    split: str = "test"
+    seqlen: int = 2048
+    max_windows: int | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    kl: bool = True
+    progress: bool = True
+    # Precompute the reference log-probs when they fit in this many bytes; else run side by side.
+    reference_budget_bytes: int = 4 << 30
+    _loaded: LoadedModel | None = field(default=None, repr=False)
+    _text: Text | None = field(default=None, repr=False)
+    _windows: torch.Tensor | None = field(default=None, repr=False)
+    _reference: Any = field(default=None, repr=False)
+    _calib_cache: dict = field(default_factory=dict, repr=False)
+    load_seconds: float = 0.0
+
+    def load(self) -> None:
+        if self._loaded is None:
+            t = time.perf_counter()
+            # Data first: a bad --data-dir fails in a second, not after loading the model.
+            self._text = load_text(self.dataset, self.split, self.data_dir)
+            self._loaded = load_model(self.model_source, self.dtype, self.device)
+            self._windows = eval_windows(tokenize(self._loaded.tokenizer, self._text), self.seqlen, self.max_windows)
+            self.load_seconds = time.perf_counter() - t
+
+    @property
+    def loaded(self) -> LoadedModel:
+        self.load()
+        assert self._loaded is not None
+        return self._loaded
+
+    @property
+    def windows(self) -> torch.Tensor:
+        self.load()
+        assert self._windows is not None
+        return self._windows
+
+    def calibration(self, recipe: Recipe) -> torch.Tensor:
+        c = recipe.calibration
+        key = (c.dataset, c.split, c.num_samples, c.seqlen, recipe.seed)
+        if key not in self._calib_cache:
+            text = load_text(c.dataset, c.split, self.data_dir)
+            ids = tokenize(self.loaded.tokenizer, text)
+            self._calib_cache[key] = (calibration_windows(ids, c.seqlen, c.num_samples, recipe.seed), text)
+        return self._calib_cache[key][0]
+
+    def reference(self):
+        """The unquantized model's log-probs on the windows (or the model itself if they are too big)."""
+        if self._reference is None:
+            n, s = self.windows.shape
+            size = n * (s - 1) * self.loaded.model.config.vocab_size * 4
+            if size <= self.reference_budget_bytes:
+                self._reference = reference_logprobs(self.loaded.model, self.windows, self.progress)
+            else:
+                self._reference = self.loaded.model
+        return self._reference
+
+    def run(self, recipe: Recipe) -> tuple[dict[str, Any], QuantizedModel | None]:
+        """Quantize a fresh copy of the model by ``recipe``, evaluate it, and return the report."""
+        self.load()
+        base = self.loaded.model
+        timings: dict[str, float] = {"load_s": round(self.load_seconds, 3)}
+        qm = None
+        findings: dict[str, Any] = {}
+        if recipe.is_float:
+            model = base
+            timings["quantize_s"] = 0.0
+        else:
+            t = time.perf_counter()
+            model = copy.deepcopy(base)
+            qm, findings = quantize(model, recipe, lambda: self.calibration(recipe), self.progress)
+            timings["quantize_s"] = round(time.perf_counter() - t, 3)
+        reference = self.reference() if (self.kl and not recipe.is_float) else None
+        res = evaluate(model, self.windows, reference, self.progress, desc=f"eval {recipe.name}")
+        if recipe.is_float and self.kl:
+            res.kl, res.top1 = 0.0, 1.0  # the model is its own reference
+        timings["eval_s"] = round(res.seconds, 3)
+        return self.report(recipe, res, qm, findings, timings), qm
+
+    def report(self, recipe: Recipe, res: EvalResult, qm: QuantizedModel | None, findings: dict,
+               timings: dict[str, float]) -> dict[str, Any]:
+        assert self._text is not None
+        model = self.loaded.model
+        calib = None
+        if qm is not None and self._calib_cache:
+            c = recipe.calibration
+            hit = self._calib_cache.get((c.dataset, c.split, c.num_samples, c.seqlen, recipe.seed))
+            if hit is not None:
+                calib = {**vars(c), "name": hit[1].name, "source": hit[1].source, "sha256": hit[1].sha256}
+        return {
+            "ppl": res.ppl,
+            "kl": res.kl,
+            "top1": res.top1,
+            "recipe": recipe.to_dict(),
+            "seed": recipe.seed,
+            "data_sha256": self._text.sha256,
+            "data": {"name": self._text.name, "source": self._text.source, "sha256": self._text.sha256,
+                     "seqlen": self.seqlen, "windows": res.windows, "tokens": res.tokens,
+                     "calibration": calib},
+            "model": {"source": self.model_source, "class": type(model).__name__,
+                      "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                      "device": str(next(model.parameters()).device)},
+            "quantization": None if qm is None else {
+                "high_precision_share": qm.high_precision_share(),
+                "effective_weight_bits": qm.effective_weight_bits(),
+                "quantized_linears": sum(not m.is_float for m in qm.plan.values()),
+                "float_linears": [n for n, m in qm.plan.items() if m.is_float],
+                "findings": findings,
+            },
+            "timings": timings,
+            "environment": environment(),
+        }
+
+
+def save_report_files(reports: list[dict[str, Any]], json_path: str | Path | None,
+                      md_path: str | Path | None, title: str) -> None:
+    from spikequant.reports import report_markdown, write_json, write_text
+
+    if json_path:
+        write_json(reports[0] if len(reports) == 1 else {"results": reports}, json_path)
+    if md_path:
+        write_text(report_markdown(reports, title), md_path)
+
+
+def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recipe]:
+    """Evaluate a directory written by ``quantize --output``; the base model it names is the KL
+    reference (and is only loaded when KL is asked for)."""
+    from spikequant.export import load_quantized
+
+    t = time.perf_counter()
+    loaded, qm, recipe, manifest = load_quantized(path, session.dtype, session.device)
+    load_s = time.perf_counter() - t
+    session.model_source = manifest["base_model"]
+    if session.kl:
+        session.load()
+        reference = session.reference()
+        windows = session.windows
+        text = session._text
+    else:
+        text = load_text(session.dataset, session.split, session.data_dir)
+        windows = eval_windows(tokenize(loaded.tokenizer, text), session.seqlen, session.max_windows)
+        session._text, session._loaded, session._windows = text, loaded, windows
+        reference = None
+    res = evaluate(loaded.model, windows, reference, session.progress, desc=f"eval {recipe.name}")
+    rep = session.report(recipe, res, qm, manifest.get("findings", {}),
+                         {"load_s": round(load_s, 3), "quantize_s": 0.0, "eval_s": round(res.seconds, 3)})
+    rep["model"]["source"] = str(path)
+    rep["model"]["base_model"] = manifest["base_model"]
+    return rep, recipe

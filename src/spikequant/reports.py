@@ -1,0 +1,114 @@
+"""Reports: every result carries the recipe, seed, data fingerprint, versions and timings behind it."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("spikequant", "torch", "transformers", "safetensors", "gguf", "numpy")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    return {
+        "versions": versions(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "command": " ".join(["spikequant", *sys.argv[1:]]) if sys.argv else "",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}"
+    return str(v)
+
+
+METRIC_COLUMNS = [
+    ("recipe", "recipe"), ("ppl", "PPL"), ("kl", "KL"), ("top1", "top-1"),
+    ("hp_share", "high-prec. params"), ("weight_bits", "bits/weight"), ("seconds", "eval s"),
+]
+
+
+def result_row(report: dict[str, Any]) -> dict[str, Any]:
+    q = report.get("quantization") or {}
+    return {
+        "recipe": report["recipe"]["name"],
+        "ppl": report["ppl"],
+        "kl": report["kl"],
+        "top1": report["top1"],
+        "hp_share": q.get("high_precision_share"),
+        "weight_bits": q.get("effective_weight_bits"),
+        "seconds": report.get("timings", {}).get("eval_s"),
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]] = METRIC_COLUMNS) -> str:
+    head = "| " + " | ".join(c[1] for c in columns) + " |"
+    sep = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def provenance_markdown(report: dict[str, Any]) -> str:
+    d = report["data"]
+    env = report["environment"]
+    lines = [
+        f"- model: `{report['model']['source']}` ({report['model']['class']}, {report['model']['dtype']}, "
+        f"{report['model']['device']})",
+        f"- data: {d['name']} from `{d['source']}`, sha256 `{d['sha256']}`, {d['windows']} windows x "
+        f"{d['seqlen']} tokens",
+        f"- seed: {report['seed']}",
+        f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        f"- command: `{env['command']}`",
+        f"- created: {env['created']}",
+    ]
+    return "\n".join(lines)
+
+
+def report_markdown(reports: list[dict[str, Any]], title: str = "spikequant results") -> str:
+    """One markdown document: the metrics table, then the provenance and the recipes."""
+    parts = [f"# {title}", "", markdown_table([result_row(r) for r in reports]), "", "## Provenance", "",
+             provenance_markdown(reports[0]), ""]
+    for r in reports:
+        findings = (r.get("quantization") or {}).get("findings")
+        parts += [f"### Recipe `{r['recipe']['name']}`", "", "```json", json.dumps(r["recipe"], indent=2), "```", ""]
+        if findings:
+            parts += ["Findings:", "", "```json", json.dumps(findings, indent=2), "```", ""]
+    return "\n".join(parts)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
