@@ -81,7 +81,7 @@ def provenance_markdown(report: dict[str, Any]) -> str:
         f"- data: {d['name']} from `{d['source']}`, sha256 `{d['sha256']}`, {d['windows']} windows x "
         f"{d['seqlen']} tokens",
         f"- seed: {report['seed']}",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         f"- command: `{env['command']}`",
         f"- created: {env['created']}",
     ]

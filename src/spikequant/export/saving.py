@@ -14,6 +14,7 @@ from spikequant.models import LoadedModel, load_model
 from spikequant.quant import ModuleQuant, QuantizedModel, QuantSpec, attach
 from spikequant.recipes import Recipe
 
+SLOTS = ("weights", "inputs", "outputs")
 MANIFEST = "spikequant.json"
 QPARAMS = "quantization.safetensors"
 FORMAT_VERSION = 1
@@ -48,7 +49,7 @@ def save_quantized(
         "base_model": base_model,
         "recipe": recipe.to_dict(),
         "plan": {
-            n: {s: (None if getattr(m, s) is None else getattr(m, s).to_dict()) for s in ("weights", "inputs", "outputs")}
+            n: {s: (None if getattr(m, s) is None else getattr(m, s).to_dict()) for s in SLOTS}
             for n, m in qm.plan.items()
         },
         "findings": findings or {},

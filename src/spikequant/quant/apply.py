@@ -126,8 +126,10 @@ def resolve_plan(
 def quantize_weight_rtn(linear: nn.Linear, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """Round-to-nearest fake quantization of a linear's weight, in place; returns its parameters."""
     w = linear.weight.data
-    scale, zero = compute_qparams(w.float(), spec, "weight")
-    linear.weight.data = quantize_dequantize(w.float(), spec, scale, zero).to(w.dtype)
+    # Half-precision weights are quantized in float32 so scales are exact; float64 stays float64.
+    wf = w if w.dtype == torch.float64 else w.float()
+    scale, zero = compute_qparams(wf, spec, "weight")
+    linear.weight.data = quantize_dequantize(wf, spec, scale, zero).to(w.dtype)
     out = {}
     if scale is not None:
         out["scale"] = scale.cpu()

@@ -138,8 +138,11 @@ def _parse_file(path: Path) -> Any:
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
-        at = f" at line {line + 1}" if line is not None else (f" at line {e.lineno}" if hasattr(e, "lineno") else "")
-        raise RecipeError(f"recipe file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}{at}") from None
+        if line is None:
+            line = getattr(e, "lineno", 0) - 1
+        at = f" at line {line + 1}" if line >= 0 else ""
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise RecipeError(f"recipe file {path} is not valid {kind}{at}") from None
 
 
 def load_recipe(name_or_path: str | Path | dict) -> Recipe:
