@@ -1,7 +1,8 @@
-"""Finite fields GF(p^k), just enough for Paley constructions: subtraction and the quadratic character.
+"""Finite fields GF(p^k): the arithmetic and the quadratic character that Paley constructions need.
 
-Elements are integers 0..q-1 whose base-p digits are the coefficients of a polynomial over GF(p)
-(lowest degree first); multiplication is modulo a fixed monic irreducible polynomial of degree k.
+An element is an integer 0..q-1 whose base-p digits are the coefficients of a polynomial over GF(p), lowest
+degree first; products are reduced modulo a fixed monic irreducible polynomial of degree k. All operations
+are vectorized over numpy integer arrays (plain ints work too), because a Jacobsthal matrix needs q² of them.
 """
 
 from __future__ import annotations
@@ -11,98 +12,140 @@ from functools import cache
 
 import numpy as np
 
+IntLike = int | np.ndarray
+
 
 def factorize(n: int) -> dict[int, int]:
+    """Prime factorization {p: exponent} of n >= 1 by trial division (orders here are < 10^7)."""
     out: dict[int, int] = {}
     d = 2
     while d * d <= n:
         while n % d == 0:
             out[d] = out.get(d, 0) + 1
             n //= d
-        d += 1
+        d += 1 if d == 2 else 2
     if n > 1:
         out[n] = out.get(n, 0) + 1
     return out
 
 
+@cache
 def prime_power(q: int) -> tuple[int, int] | None:
-    """(p, k) with q = p^k, or None if q is not a prime power (q >= 2)."""
+    """(p, k) with q = p^k and p prime, or None when q is not a prime power (q < 2 included)."""
     if q < 2:
         return None
     f = factorize(q)
     if len(f) != 1:
         return None
-    (p, k), = f.items()
+    ((p, k),) = f.items()
     return p, k
 
 
-def _polymod(a: list[int], f: list[int], p: int) -> list[int]:
-    """a mod f over GF(p); f monic, coefficient lists lowest degree first."""
-    a = a[:]
-    k = len(f) - 1
-    for i in range(len(a) - 1, k - 1, -1):
-        c = a[i] % p
+def _poly_rem(a: list[int], f: tuple[int, ...], p: int) -> list[int]:
+    """a mod f over GF(p); f monic; coefficient lists lowest degree first; result has len(f) - 1 entries."""
+    a = [c % p for c in a]
+    d = len(f) - 1
+    for top in range(len(a) - 1, d - 1, -1):
+        c = a[top]
         if c:
-            for j in range(k + 1):
-                a[i - k + j] = (a[i - k + j] - c * f[j]) % p
-    return [x % p for x in a[:k]] + [0] * max(0, k - len(a))
-
-
-def _polymul(a: list[int], b: list[int], p: int) -> list[int]:
-    out = [0] * (len(a) + len(b) - 1)
-    for i, x in enumerate(a):
-        if x:
-            for j, y in enumerate(b):
-                out[i + j] = (out[i + j] + x * y) % p
-    return out
+            for j in range(d + 1):
+                a[top - d + j] = (a[top - d + j] - c * f[j]) % p
+    return (a + [0] * d)[:d]
 
 
 @cache
 def irreducible_polynomial(p: int, k: int) -> tuple[int, ...]:
-    """The first monic irreducible polynomial of degree k over GF(p) in lexicographic order."""
+    """The lexicographically first monic irreducible polynomial of degree k over GF(p), lowest degree first.
+
+    A polynomial of degree k is reducible iff it has a monic factor of degree <= k/2, so trial division by
+    all of those decides it; the fields used here are small enough for that to be instant.
+    """
     if k == 1:
-        return (0, 1)
+        return (0, 1)  # x: GF(p) itself, elements are residues
+    divisors = [tuple(g) + (1,) for d in range(1, k // 2 + 1) for g in itertools.product(range(p), repeat=d)]
     for low in itertools.product(range(p), repeat=k):
-        f = list(low) + [1]
+        f = tuple(low) + (1,)
         if f[0] == 0:
             continue  # divisible by x
-        # Irreducible iff no monic factor of degree 1..k//2 divides it.
-        factors = (list(g) + [1] for d in range(1, k // 2 + 1) for g in itertools.product(range(p), repeat=d))
-        if all(any(_polymod(f, g, p)) for g in factors):
-            return tuple(f)
-    raise ValueError(f"no irreducible polynomial of degree {k} over GF({p})")  # impossible for a field
+        if all(any(_poly_rem(list(f), g, p)) for g in divisors):
+            return f
+    raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")  # one exists for every p, k
 
 
 class GaloisField:
-    """GF(q), q = p^k, with elements encoded as integers 0..q-1."""
+    """GF(q), q = p^k, elements encoded as integers 0..q-1 (see the module docstring)."""
 
     def __init__(self, q: int) -> None:
         pk = prime_power(q)
         if pk is None:
             raise ValueError(f"{q} is not a prime power, so GF({q}) does not exist")
-        self.q, (self.p, self.k) = q, pk
+        self.q = q
+        self.p, self.k = pk
         self.modulus = irreducible_polynomial(self.p, self.k)
-        powers = self.p ** np.arange(self.k)
-        self.digits = (np.arange(q)[:, None] // powers) % self.p  # (q, k) coefficient table
-        self._powers = powers
+        self._place = self.p ** np.arange(self.k, dtype=np.int64)  # digit i has place value p^i
+
+    # -- encoding -------------------------------------------------------------------------------------
+    def digits(self, a: IntLike) -> np.ndarray:
+        """Polynomial coefficients of a, shape (*a.shape, k), lowest degree first."""
+        return (np.asarray(a, dtype=np.int64)[..., None] // self._place) % self.p
 
     def encode(self, digits: np.ndarray) -> np.ndarray:
-        return (digits % self.p) @ self._powers
+        """Inverse of :meth:`digits` (coefficients are reduced mod p first)."""
+        return (np.asarray(digits, dtype=np.int64) % self.p) @ self._place
 
-    def add(self, a, b):
-        return self.encode(self.digits[a] + self.digits[b])
+    # -- arithmetic -----------------------------------------------------------------------------------
+    def add(self, a: IntLike, b: IntLike) -> np.ndarray:
+        if self.k == 1:
+            return (np.asarray(a, dtype=np.int64) + b) % self.p
+        return self.encode(self.digits(a) + self.digits(b))
 
-    def sub(self, a, b):
-        return self.encode(self.digits[a] - self.digits[b])
+    def neg(self, a: IntLike) -> np.ndarray:
+        if self.k == 1:
+            return (-np.asarray(a, dtype=np.int64)) % self.p
+        return self.encode(-self.digits(a))
 
-    def mul(self, a: int, b: int) -> int:
-        prod = _polymul(list(self.digits[a]), list(self.digits[b]), self.p)
-        return int(self.encode(np.array(_polymod(prod, list(self.modulus), self.p))))
+    def sub(self, a: IntLike, b: IntLike) -> np.ndarray:
+        if self.k == 1:
+            return (np.asarray(a, dtype=np.int64) - b) % self.p
+        return self.encode(self.digits(a) - self.digits(b))
+
+    def mul(self, a: IntLike, b: IntLike) -> np.ndarray:
+        if self.k == 1:
+            return (np.asarray(a, dtype=np.int64) * b) % self.p
+        da, db = np.broadcast_arrays(self.digits(a), self.digits(b))
+        k, p, f = self.k, self.p, self.modulus
+        prod = np.zeros(da.shape[:-1] + (2 * k - 1,), dtype=np.int64)
+        for i in range(k):
+            prod[..., i:i + k] += da[..., i:i + 1] * db
+        prod %= p
+        # Reduce degree 2k-2 down to k-1 using x^k = -(f_0 + f_1 x + ... + f_{k-1} x^{k-1}).
+        for top in range(2 * k - 2, k - 1, -1):
+            c = prod[..., top:top + 1]
+            prod[..., top - k:top] = (prod[..., top - k:top] - c * np.asarray(f[:k])) % p
+        return self.encode(prod[..., :k])
+
+    def pow(self, a: int, e: int) -> int:
+        """a^e by square-and-multiply (e >= 0)."""
+        result, base = 1, int(a)
+        while e:
+            if e & 1:
+                result = int(self.mul(result, base))
+            base = int(self.mul(base, base))
+            e >>= 1
+        return result
+
+    def inv(self, a: int) -> int:
+        """Multiplicative inverse, a^(q-2) (Lagrange: a^(q-1) = 1 for a != 0)."""
+        if a % self.q == 0:
+            raise ZeroDivisionError("0 has no inverse in a field")
+        return self.pow(a, self.q - 2)
 
     def quadratic_character(self) -> np.ndarray:
-        """chi[a] = 0 for a = 0, 1 if a is a non-zero square, -1 otherwise (int8 array of length q)."""
+        """chi as an int8 array of length q: chi[0] = 0, chi[a] = 1 for non-zero squares, -1 otherwise."""
         chi = -np.ones(self.q, dtype=np.int8)
+        chi[self.mul(np.arange(1, self.q), np.arange(1, self.q))] = 1
         chi[0] = 0
-        for x in range(1, self.q):
-            chi[self.mul(x, x)] = 1
         return chi
+
+    def __repr__(self) -> str:
+        return f"GaloisField({self.q} = {self.p}^{self.k}, modulus={self.modulus})"
