@@ -50,10 +50,12 @@ def quantize(
         return calibration() if callable(calibration) else calibration
 
     ctx = QuantContext(model=model, calibration_windows=calib, seed=recipe.seed, progress=progress)
+    ctx.plan = lambda: build_plan(model, recipe, ctx.overrides)
     for modifier in recipe.modifiers:
         modifier.apply(ctx)
     plan = build_plan(model, recipe, ctx.overrides)
-    qm = attach(model, plan)
+    qm = attach(model, plan, skip_weights=ctx.quantized_weights)
+    qm.weight_qparams.update(ctx.quantized_weights)
     if qm.needs_calibration:
         qm.calibrate(calib(), progress=progress)
     return qm, ctx.findings

@@ -1,7 +1,11 @@
+import pytest
 import torch
 
 from spikequant.algorithms.smoothquant import smooth_model
+from spikequant.errors import RecipeError
 from spikequant.models.tiny import tiny_model
+from spikequant.pipeline import quantize
+from spikequant.recipes import load_recipe
 
 
 def test_folding_leaves_fp64_logits_unchanged(arch):
@@ -23,10 +27,28 @@ def test_smoothing_flattens_an_activation_outlier():
     ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(1))
     seen = {}
     h = model.model.layers[0].mlp.gate_proj.register_forward_pre_hook(
-        lambda m, a: seen.__setitem__("x", a[0].abs().amax((0, 1))))
+        lambda m, a: seen.__setitem__("x", a[0].detach().abs().amax((0, 1))))
     model(ids)
     ratio_before = float(seen["x"].max() / seen["x"].median())
     smooth_model(model, ids, alpha=0.5, smooth_o=False, progress=False)
     model(ids)
     h.remove()
     assert float(seen["x"].max() / seen["x"].median()) < ratio_before / 5
+
+
+def test_modifier_in_a_recipe_keeps_fp64_logits_with_full_heads():
+    """Through the pipeline, on a multi-head (not grouped) config, every group smoothed, nothing quantized."""
+    model = tiny_model("mistral", dtype=torch.float64, num_key_value_heads=4)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    before = model(ids).logits
+    o_before = model.model.layers[1].self_attn.o_proj.weight.clone()
+    recipe = load_recipe({"name": "sq-only", "modifiers": [{"type": "smoothquant", "alpha": 0.8, "num_samples": 2}]})
+    _, findings = quantize(model, recipe, ids)
+    assert findings["smoothquant"]["alpha"] == 0.8
+    assert not torch.equal(model.model.layers[1].self_attn.o_proj.weight, o_before)
+    assert (model(ids).logits - before).abs().max() <= 1e-9
+
+
+def test_bad_alpha_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="alpha"):
+        load_recipe({"name": "x", "modifiers": [{"type": "smoothquant", "alpha": 1.5}]})

@@ -1,55 +1,149 @@
+import math
+
 import pytest
 import torch
 
 from spikequant.hadamard import (
+    FAST_FACTOR,
     NoHadamardError,
-    factor_matrix,
+    dense_factor_matrix,
     hadamard_matrix,
     is_constructible,
     next_constructible,
+    paley_matrix,
     plan,
+    sylvester_matrix,
     verify,
 )
+from spikequant.hadamard.constructions import _exactly_hadamard
+
+LIMIT = 1024
+
+
+def _is_prime_power(q: int) -> bool:  # deliberately independent of fields.prime_power
+    for d in range(2, math.isqrt(q) + 1):
+        if q % d == 0:
+            while q % d == 0:
+                q //= d
+            return q == 1
+    return q >= 2
+
+
+def _reachable(limit: int) -> set[int]:
+    """Orders the rules reach, by closing {1, 2, Paley orders} under products (no plan() involved)."""
+    paley = {q + 1 for q in range(3, limit) if q % 4 == 3 and _is_prime_power(q)}
+    paley |= {2 * (q + 1) for q in range(5, limit // 2) if q % 4 == 1 and _is_prime_power(q)}
+    reach = {1, 2}
+    frontier = set(reach)
+    while frontier:
+        new = {a * b for a in frontier for b in paley | {2} if a * b <= limit} - reach
+        reach |= new
+        frontier = new
+    return reach
 
 
 def _is_hadamard(h: torch.Tensor) -> bool:
     h = h.to(torch.float64)
-    return bool(torch.all(h.abs() == 1)) and torch.equal(h @ h.T, h.shape[0] * torch.eye(h.shape[0], dtype=h.dtype))
+    n = h.shape[0]
+    return bool(torch.all(h.abs() == 1)) and torch.equal(h @ h.T, n * torch.eye(n, dtype=h.dtype))
 
 
-def test_every_constructible_order_up_to_1024():
-    orders = [n for n in range(1, 1025) if is_constructible(n)]
-    assert {1, 2, 4, 12, 20, 28, 36, 44, 52, 60, 108, 140} <= set(orders)
+def test_every_constructible_order_up_to_1024_is_hadamard():
+    orders = [n for n in range(1, LIMIT + 1) if is_constructible(n)]
+    assert set(orders) == _reachable(LIMIT)
     for n in orders:
-        assert _is_hadamard(hadamard_matrix(n)), n
-    # Multiples of 4 these rules miss below 1024 (Williamson/other constructions exist for some).
-    missing = [n for n in range(4, 1025, 4) if n not in orders]
-    assert {92, 156, 172, 668, 716, 764} <= set(missing)
-    assert 172 in missing and 668 in missing and 716 in missing and 764 in missing
-    assert all(n not in orders for n in (3, 6, 10, 14, 18))
+        assert _exactly_hadamard(hadamard_matrix(n, torch.int8)), n
+    assert {1, 2} | set(range(4, 92, 4)) <= set(orders)  # every multiple of 4 below 92
 
 
-@pytest.mark.parametrize("n,m,construction", [
-    (576, 36, "paley2(q=17)"), (1536, 12, "paley1(q=11)"), (11008, 344, "paley1(q=343)"),
-    (14336, 28, "paley1(q=27)"), (18944, 148, "paley2(q=73)"), (4096, 1, "sylvester"),
+def test_orders_the_rules_miss():
+    missing = [n for n in range(4, LIMIT + 1, 4) if not is_constructible(n)]
+    assert missing == sorted(set(range(4, LIMIT + 1, 4)) - _reachable(LIMIT))
+    # 92 (Williamson) and 668 (the smallest order with no known Hadamard matrix) are famous; 716 and 764
+    # need constructions beyond Sylvester/Paley/Kronecker too.
+    assert missing[0] == 92 and {92, 116, 156, 172, 668, 716, 764} <= set(missing)
+    assert all(not is_constructible(n) for n in (3, 5, 6, 10, 14, 18, 22, 1026))
+
+
+@pytest.mark.parametrize("n,m,pow2,construction", [
+    (576, 36, 16, "paley2(q=17)"), (1536, 12, 128, "paley1(q=11)"), (11008, 344, 32, "paley1(q=343)"),
+    (14336, 28, 512, "paley1(q=27)"), (18944, 148, 128, "paley2(q=73)"), (4096, 1, 4096, "sylvester"),
+    (96, 12, 8, "paley1(q=11)"), (1904, 1904, 1, "paley1(q=27) x paley1(q=67)"),
+    (1040, 1040, 1, "paley1(q=19) x paley2(q=25)"),  # cheaper than Paley I with q = 1039
 ])
-def test_real_model_sizes(n, m, construction):
+def test_plans_of_real_sizes(n, m, pow2, construction):
     p = plan(n)
-    assert (p.m, p.construction, p.m * p.pow2) == (m, construction, n)
-    assert verify(n).startswith("full" if n <= 4096 else "factors")
-    if m > 1:
-        assert _is_hadamard(factor_matrix(m))
+    assert (p.m, p.pow2, p.construction) == (m, pow2, construction)
+    assert p.online_macs == n * (int(math.log2(pow2)) + sum(p.factors)) and p.dense_macs == n * n
+    assert math.prod(p.factors) == m
 
 
-def test_no_construction_names_sizes_above():
-    with pytest.raises(NoHadamardError, match=r"n=13696; nearest constructible sizes above: 13712, 13716"):
-        plan(13696)
-    assert next_constructible(13696, 2) == [13712, 13716]
-    assert all(is_constructible(n) for n in next_constructible(172, 3))
+@pytest.mark.parametrize("n", [11008, 14336, 18944, 576, 1536])
+def test_real_sizes_are_hadamard(n):
+    # Above the dense limit each Kronecker factor is checked exactly; (A⊗B)(A⊗B)ᵀ = AAᵀ⊗BBᵀ does the rest.
+    assert "exactly" in verify(n)
+    p = plan(n)
+    assert _is_hadamard(sylvester_matrix(p.pow2))
+    for f in p.factors:
+        assert _is_hadamard(paley_matrix(f))
+
+
+def test_full_matrix_is_the_kronecker_product():
+    for n in (24, 96, 576, 2080):  # 2080 = 2 · 20 · 52: a Sylvester and two Paley factors
+        p = plan(n)
+        h = hadamard_matrix(n)
+        assert torch.equal(h, torch.kron(sylvester_matrix(p.pow2), dense_factor_matrix(n)))
+        hn = hadamard_matrix(n, torch.float64, normalized=True)
+        assert torch.allclose(hn @ hn.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert hadamard_matrix(12, torch.int8).dtype == torch.int8
+    assert torch.equal(hadamard_matrix(12), hadamard_matrix(12))  # deterministic (and cached inside)
+
+
+def test_paley_structure():
+    h1 = paley_matrix(344, torch.int64)  # Paley I: H - I is skew-symmetric
+    s = h1 - torch.eye(344, dtype=torch.int64)
+    assert torch.equal(s.T, -s)
+    h2 = paley_matrix(148, torch.int64)  # Paley II is symmetric
+    assert torch.equal(h2, h2.T)
+    with pytest.raises(ValueError, match="not a Paley order"):
+        paley_matrix(92)
+    with pytest.raises(ValueError, match="power-of-two"):
+        sylvester_matrix(12)
 
 
 def test_smallest_dense_factor_is_chosen():
-    # 1536 = 12·128 = 24·64 = ...; the cheapest online transform has the smallest dense factor.
-    assert plan(1536).m == 12
-    assert plan(20 * 64).m == 20
-    assert plan(2 ** 10).m == 1
+    reach = _reachable(4096)
+    for n in range(4, 4097, 4):
+        if n not in reach:
+            continue
+        m = plan(n).m
+        assert n % m == 0 and (n // m) & (n // m - 1) == 0
+        smaller = [m // 2 ** j for j in range(1, m.bit_length()) if m % 2 ** j == 0]
+        assert not any(s in reach for s in smaller if s > 2) and (m == 1 or m > 2), n
+
+
+def test_no_construction_for_13696_names_sizes_above():
+    with pytest.raises(NoHadamardError) as info:
+        plan(13696)
+    e = info.value
+    assert isinstance(e, ValueError)
+    msg = str(e)
+    assert msg.startswith("no Hadamard construction for n=13696; nearest constructible sizes above: "
+                          "13760, 13824")
+    assert "13712" in msg and "expand: +64 -> 13760" in msg and "\n" not in msg
+    assert e.fast_above == next_constructible(13696, 3, max_factor=FAST_FACTOR) == [13760, 13824, 13888]
+    assert e.above == next_constructible(13696) == [13712, 13716, 13720]
+    assert plan(13760).m == 860 and plan(13824).m == 108
+    assert not is_constructible(13696)
+
+
+def test_next_constructible():
+    assert next_constructible(88, 4) == [96, 100, 104, 108]  # 92 is skipped
+    assert next_constructible(0, 3) == [1, 2, 4]
+    assert all(is_constructible(n) for n in next_constructible(668, 5))
+
+
+def test_bad_orders():
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError):
+            plan(bad)

@@ -38,3 +38,18 @@ def test_static_percentile_and_asymmetric_channel():
     qa.finalize()
     assert torch.allclose(qa.scale.flatten(), torch.tensor([3.0 / 255, 6.0 / 255]))
     assert torch.allclose(qa.zero.flatten(), torch.tensor([0.0, round(2.0 / (6.0 / 255))]))
+
+
+def test_keep_first_tokens_passes_them_through_and_ignores_them_for_the_scale():
+    spec = QuantSpec(bits=4, granularity="tensor", keep_first_tokens=1)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    x[:, 0, 3] = 1000.0  # a sink-token spike
+    y = ActivationQuantizer(spec)(x)
+    assert torch.equal(y[:, :1], x[:, :1])
+    assert torch.equal(y[:, 1:], fake_quantize(x[:, 1:], QuantSpec(bits=4, granularity="tensor")))
+    static = ActivationQuantizer(QuantSpec(bits=4, dynamic=False, keep_first_tokens=1))
+    static.observing = True
+    static(x)
+    static.observing = False
+    static.finalize()
+    assert math.isclose(float(static.scale), float(x[:, 1:].abs().max()) / 7, rel_tol=1e-6)

@@ -27,6 +27,11 @@ class QuantContext:
     overrides: list[tuple[list[str], dict[str, QuantSpec | None]]] = field(default_factory=list)
     # What modifiers found, for the report (e.g. the detected spike layers).
     findings: dict[str, Any] = field(default_factory=dict)
+    # Set by the pipeline: resolves the plan as it stands (recipe + overrides added so far), so a modifier
+    # can quantize weights itself (GPTQ) from the recipe's weight spec.
+    plan: Callable[[], dict[str, Any]] | None = None
+    # Weights a modifier already quantized (module name -> its qparams); the pipeline skips RTN for them.
+    quantized_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class Modifier:

@@ -57,7 +57,7 @@ def smooth_model(model: nn.Module, windows: torch.Tensor, alpha: float = 0.5, sm
     stats = channel_maxima(model, windows, paths, progress)
     report: dict[str, float] = {}
     for i, layer in enumerate(decoder_layers(model)):
-        def lin(path: str) -> nn.Linear:
+        def lin(path: str, layer: nn.Module = layer) -> nn.Linear:
             return layer.get_submodule(path)  # type: ignore[return-value]
 
         for norm_path, consumers in ((arch.input_norm, (arch.q_proj, arch.k_proj, arch.v_proj)),

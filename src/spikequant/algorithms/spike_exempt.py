@@ -8,81 +8,108 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from spikequant.algorithms.base import Modifier, QuantContext, register
+from spikequant.analysis.report import PRECISIONS, exemption_slots
 from spikequant.analysis.spikes import SpikeRule, collect_stats
-from spikequant.models import decoder_linears
+from spikequant.errors import SpikequantError
+from spikequant.models import decoder_linears, linear_role
 from spikequant.quant.spec import QuantSpec
 
-PRECISIONS = ("float", "fp8_e4m3", "fp8_e5m2")
 
-
-def _slots(precision: str) -> dict[str, QuantSpec | None]:
+def _slots(precision: str, dynamic: bool) -> dict[str, QuantSpec | None]:
+    slots = exemption_slots(precision, dynamic)
     if precision == "float":
-        return {"weights": None, "inputs": None, "outputs": None}
-    if precision == "fp8_e4m3":  # per-channel weight scales, per-tensor activation scales, as engines run it
-        return {"weights": QuantSpec(format="fp8_e4m3", granularity="channel"),
-                "inputs": QuantSpec(format="fp8_e4m3", granularity="tensor")}
-    # The paper code's variant: a plain E5M2 cast of the activations (and weights), no scale.
-    return {"weights": QuantSpec(format="fp8_e5m2"), "inputs": QuantSpec(format="fp8_e5m2")}
+        slots["outputs"] = None  # a float layer is float on every side
+    return slots
 
 
-def _detect(ctx: QuantContext, k: float, abs_threshold: float | None, num_samples: int) -> tuple[list[str], dict]:
-    cache = ctx.findings.setdefault("_spike_stats", {})
-    key = (num_samples,)
-    if key not in cache:
-        cache[key] = collect_stats(ctx.model, ctx.calibration_windows()[:num_samples], progress=ctx.progress)
-    stats = cache[key]
-    rule = SpikeRule(k, abs_threshold)
-    detected = rule.detect(stats)
-    info = {"rule": {"k": k, "abs_threshold": abs_threshold}, "threshold": rule.threshold(stats),
-            "max_in": {s.name: round(s.max_in, 2) for s in stats if s.name in detected}}
-    return detected, info
-
-
-@register
 @dataclass
-class SpikeExempt(Modifier):
-    """Detect spike layers (max |input| > k x median of all linears, or > abs_threshold) on
-    ``num_samples`` calibration windows and keep them at ``precision`` (float, fp8_e4m3, fp8_e5m2)."""
+class _Detecting(Modifier):
+    """Shared by both modifiers: the spike rule's parameters and how many calibration windows it reads."""
 
-    type = "spike_exempt"
-    k: float = 50.0
+    k: float | None = 50.0
     abs_threshold: float | None = None
+    max_layers: int | None = None
     num_samples: int = 8
-    precision: str = "float"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} not one of {', '.join(PRECISIONS)}")
-        if self.k <= 0 or self.num_samples < 1:
-            raise ValueError("k must be > 0 and num_samples >= 1")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {self.num_samples!r}")
+        try:
+            self.rule()
+        except SpikequantError as e:
+            raise ValueError(str(e).removeprefix("spike rule: ")) from None
 
-    def apply(self, ctx: QuantContext) -> None:
-        detected, info = _detect(ctx, self.k, self.abs_threshold, self.num_samples)
-        if detected:
-            ctx.overrides.append((detected, _slots(self.precision)))
-        ctx.findings["spike_layers"] = detected
-        ctx.findings["spike_detection"] = info
-        ctx.findings.pop("_spike_stats", None)
+    def rule(self) -> SpikeRule:
+        return SpikeRule(self.k, self.abs_threshold, self.max_layers)
+
+    def detect(self, ctx: QuantContext) -> tuple[list[str], dict[str, Any]]:
+        stats = collect_stats(ctx.model, ctx.calibration_windows()[: self.num_samples], progress=ctx.progress)
+        rule = self.rule()
+        detected = rule.detect(stats)
+        by_name = {s.name: s for s in stats}
+        info = {"rule": rule.to_dict(), "threshold": round(rule.threshold(stats), 4),
+                "windows": min(self.num_samples, int(ctx.calibration_windows().shape[0])),
+                "max_in": {n: round(by_name[n].max_in, 2) for n in detected},
+                "position_of_max": {n: by_name[n].position for n in detected}}
+        return detected, info
 
 
 @register
 @dataclass
-class RandomExempt(Modifier):
-    """Ablation: exempt as many randomly chosen decoder linears as the spike rule detects (never one of
-    the detected ones), chosen with the recipe seed."""
+class SpikeExempt(_Detecting):
+    """``{type: spike_exempt, k: 50, abs_threshold: null, max_layers: null, num_samples: 8, precision: float}``
 
-    type = "random_exempt"
-    k: float = 50.0
-    abs_threshold: float | None = None
-    num_samples: int = 8
+    Detect spike layers (max |input| > k x median over all decoder linears, or > abs_threshold) on
+    ``num_samples`` calibration windows and keep them at ``precision``: ``float`` (the model's dtype),
+    ``fp8_e4m3`` (per-tensor scales for weights and activations; activations dynamic unless
+    ``dynamic: false``) or ``fp8_e5m2`` (the paper code's unscaled cast)."""
+
+    type: ClassVar[str] = "spike_exempt"
+    precision: str = "float"
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} not one of {', '.join(PRECISIONS)}")
 
     def apply(self, ctx: QuantContext) -> None:
-        detected, _ = _detect(ctx, self.k, self.abs_threshold, self.num_samples)
+        detected, info = self.detect(ctx)
+        if detected:
+            ctx.overrides.append((detected, _slots(self.precision, self.dynamic)))
+        ctx.findings["spike_layers"] = detected
+        ctx.findings["spike_detection"] = {**info, "precision": self.precision}
+
+
+@register
+@dataclass
+class RandomExempt(_Detecting):
+    """``{type: random_exempt, k: 50, ..., same_roles: true}``: the ablation. As many decoder linears as
+    the spike rule detects are kept in float, chosen at random with the recipe seed and never one of the
+    detected ones. With ``same_roles`` they are drawn per projection type (a detected down_proj is
+    replaced by a random other down_proj), so the kept parameter count matches exactly."""
+
+    type: ClassVar[str] = "random_exempt"
+    same_roles: bool = True
+
+    def apply(self, ctx: QuantContext) -> None:
+        detected, info = self.detect(ctx)
+        rng = random.Random(ctx.seed)
         pool = sorted(set(decoder_linears(ctx.model)) - set(detected))
-        chosen = sorted(random.Random(ctx.seed).sample(pool, len(detected)))
-        ctx.overrides.append((chosen, _slots("float")))
+        if self.same_roles:
+            chosen: list[str] = []
+            roles = [linear_role(ctx.model, n)[1] for n in detected]  # type: ignore[index]
+            for role in sorted(set(roles)):
+                cands = [n for n in pool if linear_role(ctx.model, n)[1] == role]  # type: ignore[index]
+                chosen += rng.sample(cands, min(len(cands), roles.count(role)))
+        else:
+            chosen = rng.sample(pool, min(len(pool), len(detected)))
+        chosen = sorted(chosen)
+        if chosen:
+            ctx.overrides.append((chosen, _slots("float", True)))
         ctx.findings["random_layers"] = chosen
         ctx.findings["excluded_spike_layers"] = detected
-        ctx.findings.pop("_spike_stats", None)
+        ctx.findings["spike_detection"] = info

@@ -13,6 +13,7 @@ from spikequant.errors import ModelLoadError
 from spikequant.models import LoadedModel, load_model
 from spikequant.quant import ModuleQuant, QuantizedModel, QuantSpec, attach
 from spikequant.recipes import Recipe
+from spikequant.transforms import expanded_config, original_sizes, restore_transforms, transform_state
 
 SLOTS = ("weights", "inputs", "outputs")
 MANIFEST = "spikequant.json"
@@ -30,10 +31,13 @@ def save_quantized(
 ) -> Path:
     """Write ``output/``: the HF model (weights already fake-quantized, so loading gives the quantized
     values exactly), the tokenizer, ``quantization.safetensors`` (weight and static activation scales)
-    and ``spikequant.json`` (recipe, resolved plan, base model)."""
+    and ``spikequant.json`` (recipe, resolved plan, base model, and under ``transforms`` the online
+    rotations / KV quantizers / expansion to re-install; the fused rotations are in the weights)."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    qm.model.save_pretrained(out, safe_serialization=True)
+    transforms = transform_state(qm.model)  # online rotations, KV quantizers, expansion (None if none)
+    with original_sizes(qm.model):
+        qm.model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     tensors: dict[str, torch.Tensor] = {}
     for name, params in qm.weight_qparams.items():
@@ -54,6 +58,8 @@ def save_quantized(
         },
         "findings": findings or {},
     }
+    if transforms is not None:
+        manifest["transforms"] = transforms
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return out
 
@@ -70,7 +76,9 @@ def load_quantized(
         raise ModelLoadError(f"{path / MANIFEST} is unreadable: {e}") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ModelLoadError(f"{path}: unsupported spikequant format version {manifest.get('format_version')}")
-    loaded = load_model(str(path), dtype, device)
+    transforms = manifest.get("transforms")
+    loaded = load_model(str(path), dtype, device, config_overrides=expanded_config(transforms) or None)
+    restore_transforms(loaded.model, transforms)  # before attach: R4 and KV quantizers come first
     plan = {
         n: ModuleQuant(**{s: QuantSpec.from_dict(v, f"{MANIFEST}: {n}.{s}") for s, v in slots.items()})
         for n, slots in manifest["plan"].items()

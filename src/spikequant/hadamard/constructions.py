@@ -1,9 +1,18 @@
-"""Hadamard matrices of every order these rules reach: Sylvester (2^k), Paley I (q + 1, q ≡ 3 mod 4),
-Paley II (2(q + 1), q ≡ 1 mod 4), and Kronecker products of those.
+"""Hadamard matrices of every order these rules reach, and the plan for applying them fast.
 
-An order n is decomposed as n = m · 2^k with the smallest dense factor m that has a construction, so the
-online transform costs a fast Walsh–Hadamard transform plus an m x m matmul. The dense matrix is
-H_n = H_{2^k} ⊗ H_m (Sylvester in natural order), which is exactly what the fast transform applies.
+Rules: Sylvester (2^k), Paley I (q + 1 for a prime power q ≡ 3 mod 4), Paley II (2(q + 1) for a prime power
+q ≡ 1 mod 4), and Kronecker products of those. So the constructible orders are exactly
+n = 2^k · m1 · m2 · ... with each m_i a Paley order, and H_n = H_{2^k} ⊗ H_{m1} ⊗ H_{m2} ⊗ ...
+
+The online transform applies each Kronecker factor on its own axis: a fast Walsh–Hadamard transform for
+2^k (k multiply-adds per element) and one small matmul per Paley factor (m_i per element). :func:`plan`
+picks the **smallest dense factor** m = Π m_i such that n / m is a power of two, and for that m the
+Paley factorization with the least Σ m_i (one Paley order almost always; a product such as
+1904 = 28·68 only when m has no Paley construction of its own or the product is cheaper).
+
+Ordering (what the fast transform reproduces exactly): ``hadamard_matrix(n) = kron(H_{2^k}, H_{m1}, ...)``
+with H_{2^k} Sylvester in natural order, H[i, j] = (-1)^popcount(i & j), and the Paley factors in
+ascending order. Index i of a vector is its row-major position in a (2^k, m1, m2, ...) grid.
 """
 
 from __future__ import annotations
@@ -18,16 +27,22 @@ import torch
 from spikequant.errors import SpikequantError
 from spikequant.hadamard.fields import GaloisField, prime_power
 
+# A dense factor up to this order keeps the online transform cheap (n·m MACs per vector, at most a quarter
+# of one 4096-wide matmul row). Expansion targets are reported both with and without this limit.
+FAST_FACTOR = 1024
+
 
 class NoHadamardError(SpikequantError, ValueError):
-    """No construction known here for this order; the message names constructible sizes above it."""
+    """No rule here constructs a Hadamard matrix of this order; the message names sizes above it."""
 
-    def __init__(self, n: int, above: list[int]) -> None:
-        self.n, self.above = n, above
-        hint = f"; use dimension expansion (expand: +{above[0] - n} -> {above[0]})" if above else ""
+    def __init__(self, n: int, above: list[int], fast_above: list[int]) -> None:
+        self.n, self.above, self.fast_above = n, above, fast_above
+        self.target = fast_above[0]
         super().__init__(
             f"no Hadamard construction for n={n}; nearest constructible sizes above: "
-            f"{', '.join(map(str, above))}{hint}"
+            f"{', '.join(map(str, fast_above))} (dense factor <= {FAST_FACTOR}; with any factor: "
+            f"{', '.join(map(str, above))}); use dimension expansion "
+            f"(expand: +{self.target - n} -> {self.target})"
         )
 
 
@@ -36,168 +51,273 @@ def _is_pow2(n: int) -> bool:
 
 
 @cache
-def base_rule(m: int) -> str | None:
-    """How an order is built directly (not as a product), or None."""
-    if _is_pow2(m):
-        return "sylvester"
-    pk = prime_power(m - 1)
-    if pk is not None and (m - 1) % 4 == 3:
-        return f"paley1(q={m - 1})"
-    if m % 2 == 0:
-        pk = prime_power(m // 2 - 1)
-        if pk is not None and (m // 2 - 1) % 4 == 1:
-            return f"paley2(q={m // 2 - 1})"
+def paley_rule(m: int) -> tuple[str, int] | None:
+    """("paley1", q) if m = q + 1 with q ≡ 3 (mod 4), ("paley2", q) if m = 2(q + 1) with q ≡ 1 (mod 4),
+    q a prime power; None otherwise, and for powers of two (Sylvester covers those more cheaply)."""
+    if m < 4 or m % 4 or _is_pow2(m):
+        return None
+    q = m - 1
+    if q % 4 == 3 and prime_power(q):
+        return ("paley1", q)
+    q = m // 2 - 1
+    if q % 4 == 1 and prime_power(q):
+        return ("paley2", q)
     return None
 
 
 @cache
-def rule(m: int) -> str | None:
-    """A recipe for order m: a base rule or a Kronecker product 'a x b' of constructible orders."""
-    if m < 1 or (m > 2 and m % 4):
+def dense_chain(m: int) -> tuple[int, ...] | None:
+    """Paley orders (ascending) whose Kronecker product is m, with the least sum (= online MACs per element);
+    () for m = 1; None if m is not such a product."""
+    if m == 1:
+        return ()
+    if m % 4:
         return None
-    direct = base_rule(m)
-    if direct is not None:
-        return direct
-    for a in range(4, math.isqrt(m) + 1, 4):
-        if m % a == 0 and rule(a) is not None and rule(m // a) is not None:
-            return f"{a} x {m // a}"
-    return None
+    best = (m,) if paley_rule(m) else None
+    for a in range(12, math.isqrt(m) + 1, 4):  # the smallest Paley order that is not a power of two is 12
+        if m % a == 0 and paley_rule(a):
+            rest = dense_chain(m // a)
+            if rest and (best is None or a + sum(rest) < sum(best)):
+                best = tuple(sorted((a, *rest)))
+    return best
 
 
-def is_constructible(n: int) -> bool:
-    return rule(n) is not None
-
-
-def next_constructible(n: int, count: int = 3) -> list[int]:
-    """The ``count`` smallest constructible orders strictly above ``n`` (feeds Dimension Expansion)."""
-    out, m = [], n + 1
-    while len(out) < count:
-        if is_constructible(m):
-            out.append(m)
-        m += 1
-    return out
+def factor_name(order: int) -> str:
+    """'paley1(q=343)' or 'paley2(q=73)' for a Paley order."""
+    rule = paley_rule(order)
+    if rule is None:
+        raise ValueError(f"{order} is not a Paley order")
+    return f"{rule[0]}(q={rule[1]})"
 
 
 @dataclass(frozen=True)
 class HadamardPlan:
+    """n = 2^k · m with m = Π factors: H_n = H_{2^k} ⊗ H_{factors[0]} ⊗ ..., see the module docstring."""
+
     n: int
-    m: int  # dense factor, applied as a matmul
-    pow2: int  # Sylvester factor, applied as a fast Walsh–Hadamard transform
-    construction: str  # how H_m is built
+    pow2: int  # 2^k, the Sylvester factor, applied by fast Walsh–Hadamard butterflies
+    m: int  # the dense factor, 1 when n is a power of two
+    factors: tuple[int, ...]  # Paley orders whose product is m, each applied as a small matmul
+
+    @property
+    def k(self) -> int:
+        """log2 of the Sylvester factor."""
+        return self.pow2.bit_length() - 1
+
+    @property
+    def construction(self) -> str:
+        """How H_m is built: 'sylvester' (m = 1), 'paley1(q=...)', 'paley2(q=...)', 'A x B' for a product."""
+        return " x ".join(map(factor_name, self.factors)) if self.factors else "sylvester"
 
     @property
     def online_macs(self) -> int:
-        """Multiply-adds per vector: n·log2(2^k) for the butterflies plus n·m for the dense factor."""
-        return self.n * int(math.log2(self.pow2)) + (self.n * self.m if self.m > 1 else 0)
+        """Multiply-adds per vector: n·log2(2^k) for the butterflies plus n·m_i for each dense factor."""
+        return self.n * (self.k + sum(self.factors))
 
     @property
     def dense_macs(self) -> int:
+        """Multiply-adds per vector of a dense n x n matmul, for comparison."""
         return self.n * self.n
 
+    @property
+    def name(self) -> str:
+        """E.g. '2^12, sylvester' or '344 x 2^5, paley1(q=343)': dense x Sylvester factor, H_m's rule."""
+        if self.m == 1:
+            return f"2^{self.k}, sylvester"
+        if self.pow2 == 1:
+            return f"{self.m}, {self.construction}"
+        return f"{self.m} x 2^{self.k}, {self.construction}"
+
     def describe(self) -> str:
-        fac = f"{self.m} x 2^{int(math.log2(self.pow2))}" if self.m > 1 else f"2^{int(math.log2(self.pow2))}"
-        return (f"n={self.n} = {fac}: H_{self.m} by {self.construction}, online cost {self.online_macs:,} MACs/vector "
-                f"(dense {self.dense_macs:,}, {self.dense_macs / self.online_macs:.0f}x fewer)")
+        """One line: the split, H_m's rule, and the online against the dense cost."""
+        ratio = f", {self.dense_macs / self.online_macs:.0f}x more" if self.online_macs else ""
+        return (f"n={self.n} = {self.name}: online {self.online_macs:,} MACs/vector "
+                f"(dense matmul {self.dense_macs:,}{ratio})")
 
 
 @cache
+def _plan_or_none(n: int) -> HadamardPlan | None:
+    # The smallest dense factor wins: m = odd part · 2^i for i = 0, 1, ...; everything else of n goes to
+    # the Sylvester factor, whose butterflies cost 1 MAC per element and stage against m per element here.
+    m = n // (n & -n)
+    while m <= n:
+        chain = dense_chain(m)
+        if chain is not None:
+            return HadamardPlan(n=n, pow2=n // m, m=m, factors=chain)
+        m *= 2
+    return None
+
+
 def plan(n: int) -> HadamardPlan:
-    """The cheapest decomposition n = m · 2^k with a constructible m; raises :class:`NoHadamardError`."""
-    if n < 1:
-        raise ValueError(f"Hadamard order must be positive, got {n}")
-    pow2 = n & -n  # largest power of two dividing n
-    # Smallest m first: m = n / 2^j for j from the largest power down.
-    j = pow2
-    while j >= 1:
-        m = n // j
-        # n / pow2 is odd, so m is 1 (n a power of two) or a multiple of 4 from here on.
-        if m == 1 or rule(m) is not None:
-            return HadamardPlan(n=n, m=m, pow2=j, construction="sylvester" if m == 1 else str(rule(m)))
-        j //= 2
-    raise NoHadamardError(n, next_constructible(n))
+    """The cheapest construction of order n; raises :class:`NoHadamardError` naming sizes above n."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"a Hadamard order is a positive integer, got {n!r}")
+    p = _plan_or_none(int(n))
+    if p is None:
+        raise NoHadamardError(int(n), next_constructible(n), next_constructible(n, max_factor=FAST_FACTOR))
+    return p
+
+
+def is_constructible(n: int) -> bool:
+    """Whether some rule here gives a Hadamard matrix of order n."""
+    return n >= 1 and _plan_or_none(n) is not None
+
+
+def next_constructible(n: int, count: int = 3, max_factor: int | None = None) -> list[int]:
+    """The ``count`` smallest constructible orders strictly above n (the targets of Dimension Expansion).
+
+    With ``max_factor``, only orders whose dense factor m is at most that, i.e. with a fast online transform.
+    """
+    out: list[int] = []
+    size = max(int(n), 0) + 1
+    while len(out) < count:
+        p = _plan_or_none(size)
+        if p is not None and (max_factor is None or p.m <= max_factor):
+            out.append(size)
+        size += 1
+    return out
+
+
+# -- the matrices -------------------------------------------------------------------------------------------
 
 
 def _sylvester(n: int) -> np.ndarray:
-    h = np.ones((1, 1), dtype=np.int8)
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return h
+    """H[i, j] = (-1)^popcount(i & j), i.e. H_{2n} = [[H, H], [H, -H]] from H_1 = [1]."""
+    idx = np.arange(n)
+    parity = np.zeros((n, n), dtype=np.int8)
+    for bit in range(max(n.bit_length() - 1, 0)):
+        parity ^= (((idx[:, None] & idx[None, :]) >> bit) & 1).astype(np.int8)
+    return (1 - 2 * parity).astype(np.int8)
 
 
-def _jacobsthal(q: int) -> np.ndarray:
+def jacobsthal(q: int) -> np.ndarray:
+    """Q[i, j] = chi(a_i - a_j) over GF(q) (int8, q x q); symmetric if q ≡ 1 (mod 4), antisymmetric if 3."""
     f = GaloisField(q)
     chi = f.quadratic_character()
-    diff = f.encode(f.digits[:, None, :] - f.digits[None, :, :])  # a_i - a_j for all pairs
-    return chi[diff]
+    out = np.empty((q, q), dtype=np.int8)
+    elems = np.arange(q)
+    rows = max(1, (1 << 22) // (q * f.k))  # bound the int64 temporaries to ~32 MB
+    for r0 in range(0, q, rows):
+        r = elems[r0:r0 + rows]
+        out[r0:r0 + len(r)] = chi[f.sub(r[:, None], elems[None, :])]
+    return out
 
 
 def _paley1(q: int) -> np.ndarray:
-    qm = _jacobsthal(q)  # antisymmetric for q ≡ 3 (mod 4)
+    # S = [[0, 1ᵀ], [-1, Q]] is skew with S·Sᵀ = q·I, so H = I + S has H·Hᵀ = I + S + Sᵀ + S·Sᵀ = (q + 1)·I.
     s = np.zeros((q + 1, q + 1), dtype=np.int8)
     s[0, 1:] = 1
     s[1:, 0] = -1
-    s[1:, 1:] = qm
-    return (s + np.eye(q + 1, dtype=np.int8)).astype(np.int8)
+    s[1:, 1:] = jacobsthal(q)
+    s[np.diag_indices(q + 1)] = 1
+    return s
 
 
 def _paley2(q: int) -> np.ndarray:
-    qm = _jacobsthal(q)  # symmetric for q ≡ 1 (mod 4)
+    # C = [[0, 1ᵀ], [1, Q]] is a symmetric conference matrix (C·Cᵀ = q·I); replacing each 0 by
+    # [[1, -1], [-1, -1]] and each ±1 by ±[[1, 1], [1, -1]] doubles the order and makes it Hadamard.
     c = np.zeros((q + 1, q + 1), dtype=np.int8)
     c[0, 1:] = 1
     c[1:, 0] = 1
-    c[1:, 1:] = qm
-    a = np.array([[1, 1], [1, -1]], dtype=np.int8)  # replaces ±1 entries
-    b = np.array([[1, -1], [-1, -1]], dtype=np.int8)  # replaces the zero diagonal
-    return (np.kron(c, a) + np.kron(np.eye(q + 1, dtype=np.int8), b)).astype(np.int8)
+    c[1:, 1:] = jacobsthal(q)
+    plus = np.array([[1, 1], [1, -1]], dtype=np.int8)
+    zero = np.array([[1, -1], [-1, -1]], dtype=np.int8)
+    return (np.kron(c, plus) + np.kron(np.eye(q + 1, dtype=np.int8), zero)).astype(np.int8)
 
 
-@lru_cache(maxsize=64)
-def _build(m: int) -> np.ndarray:
-    r = rule(m)
-    if r is None:
-        raise NoHadamardError(m, next_constructible(m))
-    if r == "sylvester":
-        return _sylvester(m)
-    if r.startswith("paley1"):
-        return _paley1(m - 1)
-    if r.startswith("paley2"):
-        return _paley2(m // 2 - 1)
-    a, b = (int(t) for t in r.split(" x "))
-    return np.kron(_build(a), _build(b))
+@lru_cache(maxsize=16)
+def _paley(order: int) -> np.ndarray:
+    rule = paley_rule(order)
+    if rule is None:
+        raise ValueError(f"{order} is not a Paley order (q + 1 with q ≡ 3 or 2(q + 1) with q ≡ 1 mod 4)")
+    h = _paley1(rule[1]) if rule[0] == "paley1" else _paley2(rule[1])
+    h.setflags(write=False)  # cached: callers get copies
+    return h
 
 
-def factor_matrix(m: int) -> torch.Tensor:
-    """The ±1 matrix H_m (int8) of a constructible order, cached."""
-    h = _build(m)
-    h.setflags(write=False)
-    return torch.from_numpy(h.copy())
+def paley_matrix(order: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """The ±1 Paley I or II matrix of this order (a fresh tensor; the int8 original is cached)."""
+    return torch.from_numpy(_paley(order).copy()).to(dtype)
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The n x n ±1 Hadamard matrix H_{2^k} ⊗ H_m of :func:`plan` (unnormalized: H·Hᵀ = n·I)."""
-    p = plan(n)
-    a = factor_matrix(p.m).to(dtype) if p.m > 1 else torch.ones(1, 1, dtype=dtype)
-    return torch.kron(torch.from_numpy(_sylvester(p.pow2)).to(dtype), a)
+def sylvester_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Sylvester's H_n (n a power of two) in natural order."""
+    if not _is_pow2(n):
+        raise ValueError(f"Sylvester matrices have power-of-two orders, got {n}")
+    return torch.from_numpy(_sylvester(n)).to(dtype)
 
 
-def verify(n: int, dense_limit: int = 4096) -> str:
-    """Check H·Hᵀ = n·I exactly; returns what was checked.
+def dense_factor_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """H_m = H_{m1} ⊗ H_{m2} ⊗ ... of ``plan(n)`` (the 1 x 1 matrix [1] when n is a power of two)."""
+    h = torch.ones(1, 1, dtype=dtype)
+    for f in plan(n).factors:
+        h = torch.kron(h, paley_matrix(f, dtype))
+    return h
 
-    Up to ``dense_limit`` the whole matrix is multiplied out in integer-exact float64. Above it both
-    Kronecker factors are checked exactly, which suffices: (A⊗B)(A⊗B)ᵀ = AAᵀ ⊗ BBᵀ = mI ⊗ 2^kI = nI.
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, normalized: bool = False) -> torch.Tensor:
+    """The n x n Hadamard matrix H_{2^k} ⊗ H_m of :func:`plan` with entries ±1 (H·Hᵀ = n·I).
+
+    ``normalized`` divides by √n (an orthogonal matrix). This is exactly the matrix the fast transform
+    applies: ``hadamard_transform(x) == x @ hadamard_matrix(n, normalized=True).T``. A float64 matrix of
+    order 18944 takes 2.9 GB; use float32 or the fast transform for large n.
     """
     p = plan(n)
+    h = sylvester_matrix(p.pow2, dtype)
+    if p.m > 1:
+        h = torch.kron(h, dense_factor_matrix(n, dtype))
+    return h / math.sqrt(n) if normalized else h
 
-    def exact(h: torch.Tensor) -> bool:
-        h = h.to(torch.float64)  # entries ±1, sums <= n < 2^53: float64 products are exact integers
-        return torch.equal(h @ h.T, h.shape[0] * torch.eye(h.shape[0], dtype=torch.float64))
 
+def _exactly_hadamard(h: torch.Tensor) -> bool:
+    """Whether the ±1 matrix h has h·hᵀ = order·I, decided exactly.
+
+    Every partial sum of h·hᵀ is an integer of size <= order, and integers below 2^24 (float32) or 2^53
+    (float64) are represented exactly, so the floating-point product is integer arithmetic here.
+    """
+    n = h.shape[0]
+    dtype = torch.float32 if n < 2**24 else torch.float64
+    h = h.to(dtype)
+    return bool(torch.all(h.abs() == 1)) and torch.equal(h @ h.T, n * torch.eye(n, dtype=dtype))
+
+
+def _check_sylvester(n: int, dense_limit: int) -> str:
+    """Check H_n (Sylvester) exactly and say how. Above the limit, H_n = H_2 ⊗ H_{n/2} is checked entry by
+    entry (O(n²)) down to an order that is multiplied out, and the Kronecker argument covers the rest."""
+    h = sylvester_matrix(n, torch.int8)
+    while h.shape[0] > max(dense_limit, 2):
+        half = h.shape[0] // 2
+        top, bottom = h[:half], h[half:]
+        if not (torch.equal(top[:, :half], top[:, half:]) and torch.equal(bottom[:, :half], top[:, :half])
+                and torch.equal(bottom[:, half:], -top[:, :half])):
+            raise AssertionError(f"H_{h.shape[0]} is not [[H, H], [H, -H]]")
+        h = top[:, :half]
+    base = h.shape[0]
+    if not _exactly_hadamard(h):
+        raise AssertionError(f"H_{base}·Hᵀ != {base}·I")
+    if base == n:
+        return f"H_{n}·H_{n}ᵀ = {n}·I"
+    return f"H_{n} = H_2 ⊗ ... ⊗ H_2 ⊗ H_{base} entrywise and H_{base}·H_{base}ᵀ = {base}·I"
+
+
+def verify(n: int, dense_limit: int = 2048) -> str:
+    """Check H·Hᵀ = n·I exactly for the matrix of :func:`hadamard_matrix` and say how it was checked.
+
+    Up to ``dense_limit`` the whole matrix is multiplied out. Above it every Kronecker factor is checked
+    exactly, which suffices: (A ⊗ B)(A ⊗ B)ᵀ = AAᵀ ⊗ BBᵀ = aI ⊗ bI = abI. Raises AssertionError on failure.
+    """
+    p = plan(n)
     if n <= dense_limit:
-        if not exact(hadamard_matrix(n)):
+        if not _exactly_hadamard(hadamard_matrix(n, torch.int8)):
             raise AssertionError(f"H·Hᵀ != n·I for n={n}")
-        return "full matrix"
-    parts = [factor_matrix(p.m)] if p.m > 1 else []
-    parts.append(torch.from_numpy(_sylvester(p.pow2)))
-    if not all(exact(h) for h in parts):
-        raise AssertionError(f"a Kronecker factor of n={n} is not Hadamard")
-    return f"factors {p.m} and {p.pow2} exactly (Kronecker product)"
+        return f"H·Hᵀ = {n}·I exactly (full {n} x {n} product)"
+    shown = [_check_sylvester(p.pow2, dense_limit)] if p.pow2 > 1 else []
+    for f in p.factors:
+        if not _exactly_hadamard(paley_matrix(f)):
+            raise AssertionError(f"the Kronecker factor H_{f} of n={n} is not Hadamard")
+        shown.append(f"H_{f}·H_{f}ᵀ = {f}·I")
+    parts = [f for f in (p.pow2, *p.factors) if f > 1]
+    if len(parts) == 1:
+        return f"{shown[0]} exactly"
+    return (f"{', '.join(shown)} exactly; (A ⊗ B)(A ⊗ B)ᵀ = AAᵀ ⊗ BBᵀ, so H·Hᵀ = {n}·I for "
+            f"H_{n} = {' ⊗ '.join(f'H_{f}' for f in parts)}")

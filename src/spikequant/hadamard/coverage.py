@@ -1,12 +1,12 @@
-"""Which Hadamard construction covers the dimensions of popular models, or what expansion they need."""
+"""Which Hadamard construction covers the dimensions of popular models, or which expansion they need."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spikequant.hadamard.constructions import NoHadamardError, next_constructible, plan
+from spikequant.hadamard.constructions import FAST_FACTOR, HadamardPlan, NoHadamardError, plan
 
-# model -> (hidden_size, intermediate_size, head_dim), from the models' published configs.
+# model -> (hidden_size, intermediate_size, head_dim), from the models' published config.json files.
 MODEL_DIMS: dict[str, tuple[int, int, int]] = {
     "Llama-2-7B": (4096, 11008, 128),
     "Llama-2-13B": (5120, 13824, 128),
@@ -33,42 +33,62 @@ MODEL_DIMS: dict[str, tuple[int, int, int]] = {
     "Gemma-2-9B": (3584, 14336, 256),
     "ChatGLM3-6B": (4096, 13696, 128),
 }
+DIM_NAMES = ("hidden", "intermediate", "head_dim")
 
 
 @dataclass(frozen=True)
 class Coverage:
+    """How one dimension is covered: its plan, or (no construction) the expansion target and its plan."""
+
     n: int
-    construction: str | None  # e.g. "36 x 2^4, paley2(q=17)"; None if no construction
-    online_macs: int | None
-    expand_to: int | None  # smallest constructible size above n when no construction exists
+    plan: HadamardPlan | None
+    expand_to: int | None = None  # nearest size above n with a dense factor <= FAST_FACTOR
+    expand_plan: HadamardPlan | None = None
 
     @property
-    def text(self) -> str:
-        if self.construction is not None:
-            return f"{self.construction} ({self.online_macs:,} MAC/vec)"
-        return f"**none** -> expand to {self.expand_to} (+{self.expand_to - self.n})"
+    def covered(self) -> bool:
+        return self.plan is not None
+
+    @property
+    def cell(self) -> str:
+        """Short markdown for a table cell: '11008 = 344·2^5' or '13696: none, expand +64 -> 13760'."""
+        if self.plan is not None:
+            p = self.plan
+            return f"{self.n} = 2^{p.k}" if p.m == 1 else f"{self.n} = {p.m}·2^{p.k}"
+        assert self.expand_to is not None
+        return f"**{self.n}: none**, expand +{self.expand_to - self.n} -> {self.expand_to}"
 
 
 def coverage(n: int) -> Coverage:
+    """The construction for dimension n, or where Dimension Expansion has to take it."""
     try:
-        p = plan(n)
+        return Coverage(n, plan(n))
     except NoHadamardError as e:
-        return Coverage(n, None, None, e.above[0])
-    k = p.pow2.bit_length() - 1
-    name = f"2^{k}" if p.m == 1 else f"{p.m} x 2^{k}, {p.construction}"
-    return Coverage(n, name, p.online_macs, None)
+        return Coverage(n, None, e.target, plan(e.target))
 
 
-def coverage_table(models: dict[str, tuple[int, int, int]] = MODEL_DIMS) -> str:
-    """A markdown table: per model, the construction (and online cost) of each dimension."""
-    rows = ["| model | hidden | construction | intermediate | construction | head_dim | construction |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+def coverage_table(models: dict[str, tuple[int, int, int]] | None = None) -> str:
+    """Markdown: one row per model (its three dimensions), then one row per distinct dimension with the
+    construction, the online cost of the fast transform against a dense matmul, or the expansion needed."""
+    models = MODEL_DIMS if models is None else models
+    lines = ["| model | hidden | intermediate | head_dim |", "| --- | --- | --- | --- |"]
+    users: dict[int, list[str]] = {}
     for name, dims in models.items():
-        cells = []
-        for d in dims:
-            cells += [str(d), coverage(d).text]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-__all__ = ["MODEL_DIMS", "Coverage", "coverage", "coverage_table", "next_constructible"]
+        lines.append(f"| {name} | " + " | ".join(coverage(d).cell for d in dims) + " |")
+        for label, d in zip(DIM_NAMES, dims, strict=True):
+            users.setdefault(d, [])
+            if label not in users[d]:
+                users[d].append(label)
+    lines += ["", "| n | as | construction | online MACs/vector | dense MACs/vector | dense / online |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for n in sorted(users):
+        c = coverage(n)
+        p = c.plan if c.plan is not None else c.expand_plan
+        assert p is not None
+        what = p.name if c.plan is not None else (
+            f"**none**; expand +{p.n - n} -> {p.n} = {p.name}")
+        lines.append(f"| {n} | {', '.join(users[n])} | {what} | {p.online_macs:,} | {p.dense_macs:,} "
+                     f"| {p.dense_macs / p.online_macs:.0f}x |")
+    lines += ["", f"Expansion targets have a dense factor <= {FAST_FACTOR}; costs of an expanded size are "
+              "those of the target."]
+    return "\n".join(lines)

@@ -116,11 +116,14 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | None = None,
     trust_remote_code: bool = False,
+    config_overrides: dict[str, object] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     ``name_or_path`` is a built-in name (``smollm2-135m``), a ``.gguf`` file, a local HF directory or a
     hub id. GGUF files are converted once and cached as safetensors (see :func:`cache_dir`).
+    ``config_overrides`` are set on the config before the model is built (e.g. the widths of a
+    dimension-expanded model, saved with its original, validatable sizes).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,7 +134,16 @@ def load_model(
     path, _ = resolve_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        kwargs: dict[str, object] = {}
+        if config_overrides:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            for k, v in config_overrides.items():
+                setattr(config, k, v)
+            kwargs["config"] = config
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load model {name_or_path!r}: {first}") from None

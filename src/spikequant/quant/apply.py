@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -142,13 +143,16 @@ def attach(
     model: nn.Module,
     plan: dict[str, ModuleQuant],
     quantize_weights: bool = True,
+    skip_weights: Collection[str] = (),
 ) -> QuantizedModel:
     """Quantize the planned weights (RTN, unless ``quantize_weights`` is False because they already
-    are) and hook the activation quantizers in. Returns the handle; call ``remove_hooks`` to detach."""
+    are, or the module is in ``skip_weights`` because an algorithm such as GPTQ quantized it) and hook
+    the activation quantizers in. Returns the handle; call ``remove_hooks`` to detach."""
     qm = QuantizedModel(model=model, plan=plan)
+    skip = set(skip_weights)
     for name, mq in plan.items():
         linear = model.get_submodule(name)
-        if mq.weights is not None and quantize_weights:
+        if mq.weights is not None and quantize_weights and name not in skip:
             qm.weight_qparams[name] = quantize_weight_rtn(linear, mq.weights)
         if mq.inputs is not None:
             q_in = ActivationQuantizer(mq.inputs)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from spikequant.quant.fake import (
     _grouped,
     compute_qparams,
+    fake_quantize,
     fp8_scale,
     int_qparams,
     quantize_dequantize,
@@ -81,6 +83,17 @@ class ActivationQuantizer:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        k = self.spec.keep_first_tokens
+        if k and x.dim() >= 3:  # (batch, seq, features): the first k positions stay as they are
+            if x.shape[1] <= k:
+                return x
+            return torch.cat((x[:, :k], self._quantize(x[:, k:])), dim=1)
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.spec.outlier_tokens
+        if k and x.dim() >= 2 and x.shape[-2] > k:
+            return self._quantize_with_outliers(x, k)
         if self.observing:
             self.observe(x)
             return x
@@ -91,6 +104,28 @@ class ActivationQuantizer:
                 raise RuntimeError("static activation quantizer used before calibration")
             scale, zero = self.scale.to(x.device), None if self.zero is None else self.zero.to(x.device)
         return quantize_dequantize(x, self.spec, scale, zero)
+
+    def _quantize_with_outliers(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The k largest tokens of each sequence get their own scales; the rest share the usual one."""
+        token_max = x.detach().abs().amax(-1)  # (..., tokens)
+        top = token_max.topk(k, dim=-1).indices
+        outlier = torch.zeros_like(token_max, dtype=torch.bool).scatter_(-1, top, True).unsqueeze(-1)
+        # Zeros never widen a symmetric range (and an affine range always contains zero anyway).
+        bulk = x.masked_fill(outlier, 0.0)
+        if self.observing:
+            self.observe(bulk)
+            return x
+        if self.spec.dynamic:
+            scale, zero = compute_qparams(bulk, self.spec, "act")
+        else:
+            if self.scale is None:
+                raise RuntimeError("static activation quantizer used before calibration")
+            scale, zero = self.scale.to(x.device), None if self.zero is None else self.zero.to(x.device)
+        out = quantize_dequantize(x, self.spec, scale, zero)
+        rows = top.unsqueeze(-1).expand(*top.shape, x.shape[-1])
+        own = replace(self.spec, granularity="token", dynamic=True, observer="absmax", clip_ratio=1.0,
+                      outlier_tokens=0)
+        return out.scatter(-2, rows, fake_quantize(x.gather(-2, rows), own))
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -24,6 +24,14 @@ class QuantSpec:
     - ``dynamic``: scales from the live tensor; otherwise from calibration through ``observer``
       (``absmax`` or ``percentile`` of |x|). Weights are always quantized from their own values.
     - ``clip_ratio``: multiplies the range before the scale is computed (1.0 = no clipping).
+    - ``keep_first_tokens``: activations only; the first k sequence positions pass through unquantized
+      and do not enter the scale. Models keeping attention-sink tokens in high precision (their KV
+      precomputed as a prefix cache, as PrefixQuant does): on LLaMA-like models those tokens carry the
+      spikes, so the per-tensor scale can fit everyone else.
+    - ``outlier_tokens``: activations with granularity ``tensor`` only; in every sequence the k tokens
+      with the largest max |x| are left out of the shared scale (and of static calibration) and get a
+      scale of their own, in the same format and bits. The spike tokens (attention sink, delimiters)
+      stop dictating the resolution of all the others, and nothing stays in float.
     """
 
     format: str = "int"
@@ -35,6 +43,8 @@ class QuantSpec:
     observer: str = "absmax"
     percentile: float = 99.99
     clip_ratio: float = 1.0
+    keep_first_tokens: int = 0
+    outlier_tokens: int = 0
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> RecipeError:
@@ -59,6 +69,12 @@ class QuantSpec:
             raise bad(f"percentile must be in (0, 100], got {self.percentile!r}")
         if self.observer == "percentile" and self.granularity != "tensor":
             raise bad("the percentile observer supports granularity tensor only")
+        if not isinstance(self.keep_first_tokens, int) or self.keep_first_tokens < 0:
+            raise bad(f"keep_first_tokens must be a non-negative integer, got {self.keep_first_tokens!r}")
+        if not isinstance(self.outlier_tokens, int) or self.outlier_tokens < 0:
+            raise bad(f"outlier_tokens must be a non-negative integer, got {self.outlier_tokens!r}")
+        if self.outlier_tokens and (self.granularity != "tensor" or self.is_float_cast):
+            raise bad("outlier_tokens needs granularity tensor and a scaled format")
         if not 0.0 < float(self.clip_ratio) <= 1.0:
             raise bad(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
 
@@ -71,7 +87,9 @@ class QuantSpec:
         kind = f"int{self.bits}" if self.format == "int" else self.format
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
         mode = "dyn" if self.dynamic else "static"
-        return f"{kind}-{gran}-{mode}" + ("" if self.symmetric else "-asym")
+        keep = f"-keep{self.keep_first_tokens}" if self.keep_first_tokens else ""
+        keep += f"-outliers{self.outlier_tokens}" if self.outlier_tokens else ""
+        return f"{kind}-{gran}-{mode}" + ("" if self.symmetric else "-asym") + keep
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

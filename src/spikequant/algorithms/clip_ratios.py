@@ -1,0 +1,193 @@
+"""Per-quantizer activation clip ratios, addressable by (layer, name), loadable from a file.
+
+Eight quantizers per decoder layer, in the order Gradual Binary Search visits them (METHODS §B.3):
+``q_proj``, ``k_proj``, ``v_proj`` (the input quantizer of each linear: q/k/v read the same tensor but,
+as in the paper's code, each linear has its own input quantizer and ratio), ``k_cache`` (K after RoPE and
+R3), ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``. As in the paper, ``v_proj``'s ratio also clips
+the V cache; the optional ninth key ``v_cache`` sets the V cache alone.
+
+Ratios live in the quantizer objects (``ActivationQuantizer.spec.clip_ratio``), never in weights, so a
+search changes one with :func:`set_clip_ratio` and runs the next perplexity probe straight away.
+
+File format (JSON or YAML)::
+
+    {"layers": {"0": {"q_proj": 0.9, "k_cache": 1.0, "o_proj": 0.3}, "1": {...}}}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spikequant.algorithms.base import Modifier, QuantContext, register
+from spikequant.errors import RecipeError
+from spikequant.models import decoder_layers, get_arch, linear_role
+from spikequant.quant import ActivationQuantizer, QuantizedModel
+from spikequant.transforms import installed_attention_transforms
+
+QUANTIZER_KEYS = ("q_proj", "k_proj", "v_proj", "k_cache", "o_proj", "gate_proj", "up_proj", "down_proj")
+KEYS = (*QUANTIZER_KEYS, "v_cache")
+LINEAR_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+Ratios = dict[int, dict[str, float]]
+
+
+def _check_ratio(r: Any, where: str) -> float:
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
+        raise RecipeError(f"{where}: a clip ratio must be a number in (0, 1], got {r!r}")
+    return float(r)
+
+
+def parse_ratios(data: Any, where: str = "clip ratios") -> Ratios:
+    """Validate ``{"layers": {"<i>": {"<key>": ratio}}}`` (or the inner mapping) into {i: {key: ratio}}."""
+    if isinstance(data, dict) and "layers" in data:
+        data = data["layers"]
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping {{layers: {{0: {{q_proj: 0.9}}}}}}")
+    out: Ratios = {}
+    for layer, entries in data.items():
+        try:
+            i = int(layer)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{where}: layer key {layer!r} is not an integer") from None
+        if not isinstance(entries, dict):
+            raise RecipeError(f"{where}: layer {layer} must map quantizer names to ratios")
+        for key, r in entries.items():
+            if key not in KEYS:
+                raise RecipeError(f"{where}: layer {layer}: unknown quantizer {key!r} (known: {', '.join(KEYS)})")
+            out.setdefault(i, {})[key] = _check_ratio(r, f"{where}: layer {layer}.{key}")
+    return out
+
+
+def load_ratio_file(path: str | Path) -> Ratios:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"clip ratio file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError):
+        raise RecipeError(f"clip ratio file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}") \
+            from None
+    return parse_ratios(data, str(path))
+
+
+def save_ratio_file(ratios: Ratios, path: str | Path) -> None:
+    data = {"layers": {str(i): dict(v) for i, v in sorted(ratios.items())}}
+    Path(path).write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def activation_quantizers(qm: QuantizedModel) -> dict[tuple[int, str], list[ActivationQuantizer]]:
+    """(layer, key) -> the quantizer objects that key's ratio sets (``v_proj`` includes the V cache)."""
+    out: dict[tuple[int, str], list[ActivationQuantizer]] = {}
+    for name, q in qm.inputs.items():
+        role = linear_role(qm.model, name)
+        if role is not None:
+            out.setdefault(role, []).append(q)
+    attn = installed_attention_transforms(qm.model)
+    for i, t in enumerate(attn or []):
+        if t.k_quantizer is not None:
+            out.setdefault((i, "k_cache"), []).append(t.k_quantizer)
+        if t.v_quantizer is not None:
+            out.setdefault((i, "v_cache"), []).append(t.v_quantizer)
+            out.setdefault((i, "v_proj"), []).append(t.v_quantizer)
+    return out
+
+
+def _module_name(qm: QuantizedModel, layer: int, key: str) -> str:
+    arch = get_arch(qm.model)
+    return f"{arch.layers}.{layer}.{arch.linear_roles[key]}"
+
+
+def set_clip_ratio(qm: QuantizedModel, layer: int, key: str, ratio: float,
+                   index: dict[tuple[int, str], list[ActivationQuantizer]] | None = None) -> None:
+    """Change one quantizer's ratio in place (cheap: the next forward uses it). Pass ``index`` (from
+    :func:`activation_quantizers`) when calling this in a loop."""
+    ratio = _check_ratio(ratio, f"layer {layer}.{key}")
+    index = activation_quantizers(qm) if index is None else index
+    if (layer, key) not in index:
+        raise KeyError(f"no quantized activation {key!r} in layer {layer} (keys: {', '.join(KEYS)})")
+    for q in index[(layer, key)]:
+        q.spec = replace(q.spec, clip_ratio=ratio)
+    if key in LINEAR_KEYS:  # keep the plan (what gets saved) in step with the live quantizer
+        mq = qm.plan.get(_module_name(qm, layer, key))
+        if mq is not None and mq.inputs is not None:
+            mq.inputs = replace(mq.inputs, clip_ratio=ratio)
+
+
+def apply_clip_ratios(qm: QuantizedModel, ratios: Ratios) -> None:
+    index = activation_quantizers(qm)
+    for layer, entries in ratios.items():
+        for key, r in entries.items():
+            set_clip_ratio(qm, layer, key, r, index)
+
+
+def clip_ratios(qm: QuantizedModel) -> Ratios:
+    """The current ratio of every quantizer, by layer and key (``v_cache`` only where it differs)."""
+    out: Ratios = {}
+    for (layer, key), qs in activation_quantizers(qm).items():
+        out.setdefault(layer, {})[key] = qs[0].spec.clip_ratio
+    for entries in out.values():
+        if "v_cache" in entries and entries.get("v_proj") == entries["v_cache"]:
+            del entries["v_cache"]
+    return {i: {k: out[i][k] for k in KEYS if k in out[i]} for i in sorted(out)}
+
+
+@register
+@dataclass
+class ClipRatios(Modifier):
+    """Set per-quantizer clip ratios from ``file`` (JSON/YAML) and/or inline ``ratios`` (same format,
+    applied after the file). List it after ``kv_cache``: linear-input ratios become per-module plan
+    overrides, K/V-cache ratios are set on the installed cache quantizers."""
+
+    type = "clip_ratios"
+    file: str | None = None
+    ratios: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ratios:
+            parse_ratios(self.ratios, "clip_ratios.ratios")
+
+    def resolved(self) -> Ratios:
+        out: Ratios = {}
+        for src in ([load_ratio_file(self.file)] if self.file else []) + [parse_ratios(self.ratios)]:
+            for i, entries in src.items():
+                out.setdefault(i, {}).update(entries)
+        return out
+
+    def apply(self, ctx: QuantContext) -> None:
+        ratios = self.resolved()
+        if not ratios:
+            return
+        assert ctx.plan is not None, "the pipeline sets QuantContext.plan"
+        plan = ctx.plan()
+        arch = get_arch(ctx.model)
+        n_layers = len(decoder_layers(ctx.model))
+        attn = installed_attention_transforms(ctx.model)
+        for layer, entries in ratios.items():
+            if not 0 <= layer < n_layers:
+                raise RecipeError(f"clip_ratios: layer {layer} out of range (model has {n_layers} layers)")
+            for key, r in entries.items():
+                if key in LINEAR_KEYS:
+                    name = f"{arch.layers}.{layer}.{arch.linear_roles[key]}"
+                    spec = plan[name].inputs if name in plan else None
+                    if spec is None:
+                        raise RecipeError(f"clip_ratios: layer {layer}.{key}: that linear's input is not quantized")
+                    ctx.overrides.append(([name], {"inputs": replace(spec, clip_ratio=r)}))
+                cache = "k_quantizer" if key == "k_cache" else "v_quantizer" if key in ("v_cache", "v_proj") else None
+                if cache is None:
+                    continue
+                q = None if attn is None else getattr(attn[layer], cache)
+                if q is None:
+                    if key == "v_proj":
+                        continue  # no V cache quantizer: v_proj's ratio applies to its input only
+                    raise RecipeError(f"clip_ratios: layer {layer}.{key}: no KV-cache quantizer; list kv_cache first")
+                # v_cache (explicit) wins over v_proj's ratio whichever comes first in the file
+                if key == "v_proj" and "v_cache" in entries:
+                    continue
+                q.spec = replace(q.spec, clip_ratio=r)
+        ctx.findings["clip_ratios"] = {str(i): e for i, e in sorted(ratios.items())}

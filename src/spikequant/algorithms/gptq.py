@@ -1,0 +1,299 @@
+"""GPTQ (Frantar et al., 2023) weight quantization, calibrated layer by layer on the (rotated) model.
+
+For one linear with calibration inputs X, GPTQ quantizes the weight one input column at a time and
+spreads each column's rounding error over the columns not yet quantized, weighted by the inverse of
+H = 2·XᵀX/N (damped by ``damp`` x mean(diag H)); the inverse is taken once through a Cholesky factor
+and applied block-wise (``block_size`` columns at a time, lazy batch updates). Options: act-order
+(columns by decreasing diag H), per-channel or per-group scales (static groups, so a group is a
+contiguous run of original columns whatever the order), symmetric or asymmetric, and the MSE clip grid
+(per output row and group: shrink factors 1 − i/100, i < 80, error norm 2.4).
+
+The model driver captures the inputs of decoder layer 0 (a hook that raises stops the forward), then runs
+layer by layer: each layer is calibrated on the outputs of the already-quantized layers before it, and,
+with ``true_sequential``, inside a layer o_proj sees quantized q/k/v, and so on. Online transforms on the
+linears (R4) are active, so GPTQ sees the rotated inputs; activations and the KV cache stay in float
+during calibration, as in QuaRot. lm_head is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from spikequant.algorithms.base import Modifier, QuantContext, register
+from spikequant.errors import RecipeError
+from spikequant.models import decoder_layers, get_arch
+from spikequant.quant.fake import int_qdq, int_qparams
+from spikequant.quant.spec import QuantSpec
+from spikequant.transforms import installed_attention_transforms
+
+
+def check_weight_spec(spec: QuantSpec, where: str = "gptq") -> None:
+    if spec.format != "int":
+        raise RecipeError(f"{where}: GPTQ needs an int weight format, got {spec.format}")
+    if spec.granularity not in ("channel", "group"):
+        raise RecipeError(f"{where}: GPTQ weight granularity must be channel or group, got {spec.granularity}")
+
+
+def weight_qparams(
+    w: torch.Tensor, spec: QuantSpec, mse_clip: bool = False, norm: float = 2.4, grid: int = 100,
+    max_shrink: float = 0.8,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero) per row (``channel``: shape (rows, 1)) or per row and group ((rows, groups, 1)).
+
+    With ``mse_clip``, each row/group picks the shrink factor p = 1 − i/grid (i < max_shrink·grid) of
+    its range that minimises Σ|q(w) − w|^norm; otherwise p = ``spec.clip_ratio``.
+    """
+    wv = w.unflatten(-1, (-1, spec.group_size)) if spec.granularity == "group" else w
+    unit = QuantSpec(bits=spec.bits, symmetric=spec.symmetric)  # clip handled here
+    if spec.symmetric:
+        amax = wv.abs().amax(-1, keepdim=True)
+        stats: dict[str, torch.Tensor] = {"amax": amax}
+    else:
+        stats = {"xmin": wv.amin(-1, keepdim=True), "xmax": wv.amax(-1, keepdim=True)}
+
+    def params(p: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if spec.symmetric:
+            return int_qparams(unit, amax=stats["amax"] * p)
+        return int_qparams(unit, xmin=stats["xmin"] * p, xmax=stats["xmax"] * p)
+
+    if not mse_clip:
+        return params(spec.clip_ratio)
+    best_err = torch.full(wv.shape[:-1] + (1,), math.inf, dtype=w.dtype, device=w.device)
+    best_p = torch.ones_like(best_err)
+    for i in range(int(max_shrink * grid)):
+        p = 1 - i / grid
+        scale, zero = params(p)
+        err = (int_qdq(wv, unit, scale, zero) - wv).abs().pow(norm).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+    return params(best_p)
+
+
+@dataclass
+class GPTQResult:
+    weight: torch.Tensor  # quantized, dequantized values, same shape/dtype as the input weight
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    loss: float  # Σ (w − q)² / [H⁻¹]_jj / 2, the objective GPTQ minimises greedily
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
+    act_order: bool = True, mse_clip: bool = False,
+) -> GPTQResult:
+    """GPTQ of one weight (out, in) given H = 2·XᵀX/N (in, in). Pure function: inputs are not modified."""
+    check_weight_spec(spec)
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    rows, cols = w.shape
+    if spec.granularity == "group" and cols % spec.group_size:  # type: ignore[operator]
+        raise RecipeError(f"gptq: in_features {cols} is not divisible by group_size {spec.group_size}")
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    scale, zero = weight_qparams(w, spec, mse_clip)  # static: from the weight before any update
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    h += damp * torch.mean(torch.diagonal(h)) * torch.eye(cols, dtype=h.dtype)
+    # Upper Cholesky factor of H⁻¹: row j holds the update weights for the columns after j.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    unit = QuantSpec(bits=spec.bits, symmetric=spec.symmetric)
+    g = spec.group_size if spec.granularity == "group" else None
+
+    def col_params(j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if g is None:
+            return scale[:, 0], None if zero is None else zero[:, 0]
+        k = int(perm[j]) // g
+        return scale[:, k, 0], None if zero is None else zero[:, k, 0]
+
+    q = torch.zeros_like(w)
+    loss = 0.0
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            d = h1[i, i]
+            s, z = col_params(i1 + i)
+            qc = int_qdq(col, unit, s, z)
+            q[:, i1 + i] = qc
+            e = (col - qc) / d
+            loss += float((col - qc).pow(2).sum() / d**2) / 2
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    out = torch.empty_like(q)
+    out[:, perm] = q
+    return GPTQResult(out.to(weight.dtype), scale, zero, loss)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(_module: nn.Module, _args: tuple) -> None:
+    raise _Stop
+
+
+class Hessian:
+    """Running H = 2·XᵀX/N over the rows of every batch seen by a forward pre-hook."""
+
+    def __init__(self) -> None:
+        self.h: torch.Tensor | None = None
+        self.n = 0
+
+    def __call__(self, _module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+        n = self.n + x.shape[0]
+        xx = (x.T @ x) * (2.0 / n)
+        self.h = xx if self.h is None else self.h * (self.n / n) + xx
+        self.n = n
+
+
+def _steps(model: nn.Module, true_sequential: bool) -> list[list[list[str]]]:
+    """Calibration steps of one layer; each step lists groups of linears that read the same input
+    (layer-relative paths). True-sequential: one step per input, so later linears see quantized earlier ones."""
+    a = get_arch(model)
+    groups = [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [a.gate_proj, a.up_proj], [a.down_proj]]
+    return [[g] for g in groups] if true_sequential else [groups]
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[Any, dict]]:
+    """Run ``windows`` through the model until decoder layer 0 and keep its (hidden_states, kwargs) per
+    batch; the hook raises to skip the rest of the forward."""
+    layer0 = decoder_layers(model)[0]
+    captured: list[tuple[Any, dict]] = []
+
+    def hook(_m, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Stop
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for b in range(0, len(windows), batch_size):
+            with contextlib.suppress(_Stop):
+                model(windows[b:b + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _layer_out(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def gptq_model(
+    model: nn.Module, windows: torch.Tensor, specs: dict[str, QuantSpec], damp: float = 0.01,
+    block_size: int = 128, act_order: bool = True, mse_clip: bool = False, true_sequential: bool = True,
+    batch_size: int = 8, progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Quantize, in place, the weights of the decoder linears named in ``specs`` (full module name ->
+    weight spec) with GPTQ on ``windows`` (N, seqlen). Returns name -> {scale, zero, loss}."""
+    arch = get_arch(model)
+    for name, spec in specs.items():
+        check_weight_spec(spec, f"gptq: {name}")
+    attn = installed_attention_transforms(model) or []
+    kv = [q for t in attn for q in (t.k_quantizer, t.v_quantizer) if q is not None]
+    kv_state = [q.enabled for q in kv]
+    for q in kv:
+        q.enabled = False  # calibrate with a float KV cache
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        inputs = capture_layer0_inputs(model, windows, batch_size)
+        layers = decoder_layers(model)
+        bar = tqdm(range(len(layers)), desc="gptq", unit="layer", disable=not progress)
+        for i in bar:
+            layer = layers[i]
+            prefix = f"{arch.layers}.{i}."
+            for step in _steps(model, true_sequential):
+                groups = [[p for p in g if prefix + p in specs] for g in step]
+                groups = [g for g in groups if g]
+                if not groups:
+                    continue
+                hessians = {g[0]: Hessian() for g in groups}
+                handles = [layer.get_submodule(p).register_forward_pre_hook(h) for p, h in hessians.items()]
+                # Nothing after the last input we need matters: stop the layer's forward there.
+                handles.append(layer.get_submodule(groups[-1][0]).register_forward_pre_hook(_stop))
+                try:
+                    for hidden, kw in inputs:
+                        with contextlib.suppress(_Stop):
+                            layer(hidden, **kw)
+                finally:
+                    for hd in handles:
+                        hd.remove()
+                for g in groups:
+                    h = hessians[g[0]].h
+                    assert h is not None
+                    for p in g:
+                        lin = layer.get_submodule(p)
+                        res = gptq_quantize(lin.weight, h, specs[prefix + p], damp, block_size, act_order, mse_clip)
+                        lin.weight.data = res.weight
+                        results[prefix + p] = {"scale": res.scale.cpu(), "loss": res.loss,
+                                               **({} if res.zero is None else {"zero": res.zero.cpu()})}
+            inputs = [(_layer_out(layer(hidden, **kw)), kw) for hidden, kw in inputs]
+    finally:
+        for q, state in zip(kv, kv_state, strict=True):
+            q.enabled = state
+    return results
+
+
+@register
+@dataclass
+class GPTQ(Modifier):
+    """Quantize the planned decoder-linear weights with GPTQ (instead of the pipeline's RTN), using the
+    recipe's weight spec (and overrides) per module, on ``num_samples`` calibration windows (default: the
+    recipe's calibration set). List it after ``rotate`` so it calibrates on the rotated model."""
+
+    type = "gptq"
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    mse_clip: bool = True
+    true_sequential: bool = True
+    num_samples: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
+        if self.block_size < 1 or self.batch_size < 1:
+            raise ValueError("block_size and batch_size must be >= 1")
+
+    def apply(self, ctx: QuantContext) -> None:
+        assert ctx.plan is not None, "the pipeline sets QuantContext.plan"
+        decoder = set(_decoder_linear_names(ctx.model))
+        specs = {n: mq.weights for n, mq in ctx.plan().items()
+                 if mq.weights is not None and n in decoder and n not in ctx.quantized_weights}
+        if not specs:
+            return
+        windows = ctx.calibration_windows()
+        if self.num_samples is not None:
+            windows = windows[: self.num_samples]
+        res = gptq_model(ctx.model, windows, specs, self.damp, self.block_size, self.act_order, self.mse_clip,
+                         self.true_sequential, self.batch_size, ctx.progress)
+        for name, r in res.items():
+            ctx.quantized_weights[name] = {k: v for k, v in r.items() if k in ("scale", "zero")}
+        ctx.findings["gptq"] = {"windows": int(len(windows)), "seqlen": int(windows.shape[1]),
+                                "linears": len(res), "mean_loss": sum(r["loss"] for r in res.values()) / len(res)}
+
+
+def _decoder_linear_names(model: nn.Module) -> list[str]:
+    from spikequant.models import decoder_linears
+
+    return list(decoder_linears(model))

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from spikequant.algorithms.clip_ratios import (
+    QUANTIZER_KEYS,
+    activation_quantizers,
+    clip_ratios,
+    load_ratio_file,
+    save_ratio_file,
+    set_clip_ratio,
+)
+from spikequant.errors import RecipeError
+from spikequant.models.tiny import TINY_ARCHS, tiny_model
+from spikequant.pipeline import quantize
+from spikequant.recipes import load_recipe
+from spikequant.transforms import installed_attention_transforms
+
+ROT_PRESETS = ["quarot-w4a4kv4", "quarot-w3a3kv3", "quarot-rtn-w4a4kv4", "random-rot-w4a4kv4", "norot-w4a4kv4"]
+WINDOWS = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _run(arch, recipe, **kw):
+    model = tiny_model(arch, seed=2, **kw)
+    qm, findings = quantize(model, recipe, WINDOWS, progress=False)
+    with torch.no_grad():
+        logits = model(WINDOWS[:1]).logits
+    return model, qm, findings, logits
+
+
+@pytest.mark.parametrize("arch,preset", [(a, p) for a in TINY_ARCHS for p in ROT_PRESETS
+                                         if "rtn" in p or "rot-" in p or a == "qwen2"])
+def test_presets_run(arch, preset):
+    recipe = load_recipe(preset)
+    model, qm, findings, logits = _run(arch, recipe)
+    assert torch.isfinite(logits).all()
+    assert installed_attention_transforms(model)[0].k_quantizer is not None
+    if preset.startswith("quarot-w"):
+        assert findings["gptq"]["linears"] == 7 * 2
+        assert not qm.weight_qparams.keys() - set(qm.plan)  # GPTQ's qparams recorded, RTN skipped
+    assert (findings.get("rotation", {}).get("r1") or "none") == {
+        "quarot": "hadamard", "random": "random", "norot": "none"}[preset.split("-")[0]]
+
+
+def test_rotation_lowers_w4a4_error_on_a_spiky_model():
+    ref = tiny_model("llama", seed=2, dtype=torch.float64)
+    with torch.no_grad():  # a residual-stream spike channel, as in real models
+        ref.model.embed_tokens.weight[:, 5] *= 40
+        target = ref(WINDOWS).logits
+    errs = {}
+    for preset in ("norot-w4a4kv4", "quarot-rtn-w4a4kv4"):
+        model = tiny_model("llama", seed=2, dtype=torch.float64)
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, 5] *= 40
+        quantize(model, load_recipe(preset), WINDOWS, progress=False)
+        with torch.no_grad():
+            errs[preset] = float(((model(WINDOWS).logits - target) ** 2).mean())
+    assert errs["quarot-rtn-w4a4kv4"] < 0.5 * errs["norot-w4a4kv4"]
+
+
+def test_clip_ratios_are_addressable_and_cheap_to_change(tmp_path):
+    model, qm, _, before = _run("qwen2", load_recipe("quarot-rtn-w4a4kv4"))
+    index = activation_quantizers(qm)
+    for layer in range(2):
+        for key in QUANTIZER_KEYS:
+            assert (layer, key) in index
+    set_clip_ratio(qm, 1, "o_proj", 0.3)
+    set_clip_ratio(qm, 0, "v_proj", 0.5)  # also clips the V cache
+    with torch.no_grad():
+        after = model(WINDOWS[:1]).logits
+    assert not torch.equal(before, after)
+    r = clip_ratios(qm)
+    assert r[1]["o_proj"] == 0.3 and r[0]["v_proj"] == 0.5 and "v_cache" not in r[0]
+    assert installed_attention_transforms(model)[0].v_quantizer.spec.clip_ratio == 0.5
+    assert qm.plan["model.layers.1.self_attn.o_proj"].inputs.clip_ratio == 0.3
+    save_ratio_file(r, tmp_path / "r.json")
+    assert load_ratio_file(tmp_path / "r.json") == r
+
+
+def test_ratio_file_through_a_recipe(tmp_path):
+    (tmp_path / "ratios.json").write_text(json.dumps({"layers": {"0": {"o_proj": 0.4, "k_cache": 0.9},
+                                                                 "1": {"down_proj": 0.7, "v_cache": 0.6}}}))
+    data = load_recipe("quarot-rtn-w4a4kv4").to_dict()
+    data["modifiers"].append({"type": "clip_ratios", "file": str(tmp_path / "ratios.json"),
+                              "ratios": {"layers": {"1": {"q_proj": 0.8}}}})
+    _, qm, findings, _ = _run("llama", load_recipe(data))
+    r = clip_ratios(qm)
+    assert r[0]["o_proj"] == 0.4 and r[0]["k_cache"] == 0.9 and r[1]["down_proj"] == 0.7
+    assert r[1]["q_proj"] == 0.8 and r[1]["v_cache"] == 0.6 and r[1]["v_proj"] == 1.0
+    assert r[0]["up_proj"] == 1.0
+
+
+@pytest.mark.parametrize("ratios,needle", [
+    ({"layers": {"0": {"qproj": 0.5}}}, "unknown quantizer 'qproj'"),
+    ({"layers": {"0": {"q_proj": 1.5}}}, r"\(0, 1\]"),
+    ({"layers": {"x": {"q_proj": 0.5}}}, "layer key 'x'"),
+])
+def test_bad_ratios_fail_with_one_line(ratios, needle):
+    data = load_recipe("quarot-rtn-w4a4kv4").to_dict()
+    data["modifiers"].append({"type": "clip_ratios", "ratios": ratios})
+    with pytest.raises(RecipeError, match=needle):
+        load_recipe(data)
+
+
+def test_rotate_modifier_errors():
+    with pytest.raises(RecipeError, match="r1 'walsh'"):
+        load_recipe({"name": "x", "modifiers": [{"type": "rotate", "r1": "walsh"}]})
+    with pytest.raises(RecipeError, match="expand key 'width'"):
+        load_recipe({"name": "x", "modifiers": [{"type": "rotate", "expand": {"width": 8}}]})
