@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from common import model_data_args
 from spikequant.eval import evaluate
 from spikequant.pipeline import Session, quantize
 from spikequant.recipes import load_recipe
@@ -29,10 +30,7 @@ MARK = "bench:fakequant"
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--max-windows", type=int, default=16)
+    model_data_args(ap)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--recipe", default="w8a8-tensor")
     ap.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")

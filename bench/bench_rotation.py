@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from common import model_data_args
 from spikequant.pipeline import Session
 from spikequant.recipes import Recipe, load_recipe
 
@@ -39,10 +40,7 @@ def parse_expand(text: str) -> dict[str, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--max-windows", type=int, default=16)
+    model_data_args(ap)
     ap.add_argument("--recipes", nargs="+", required=True)
     ap.add_argument("--expand", action="append", default=[], help="e.g. hidden=64 or hidden=64,mlp=512")
     ap.add_argument("--only-expanded", action="store_true", help="run only the expanded variants")

@@ -26,3 +26,17 @@ def data_dir() -> Path:
     if not (DATA_DIR / "wikitext-2" / "wiki.test.raw").exists():
         pytest.skip(f"WikiText-2 not found under {DATA_DIR}")
     return DATA_DIR
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_unit_tests(request):
+    """Unit tests multiply many small matrices; on a shared 2-core machine the start-up of a second
+    intra-op thread for each of them costs more than the work (up to ~20x slower under load). The
+    integration tests run the real model and keep torch's thread count."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -49,3 +49,21 @@ def test_save_reload_reproduces_logits(tmp_path, arch, preset, overrides):
     if overrides:
         assert loaded.model.config.hidden_size == 52 and loaded.model.config.intermediate_size == 96
         assert manifest["transforms"]["expansion"]["hidden_size"] == [50, 52]
+
+
+def test_online_o_proj_hadamard_survives_save_reload(tmp_path):
+    model = tiny_model("llama", seed=4)
+    data = load_recipe("quarot-rtn-w4a4kv4").to_dict()
+    data["name"] = "quarot-rtn-w4a4kv4-o"
+    next(m for m in data["modifiers"] if m["type"] == "rotate")["o_online"] = True
+    recipe = load_recipe(data)
+    qm, findings = quantize(model, recipe, WINDOWS, progress=False)
+    assert findings["rotation"]["o_online"]
+    with torch.no_grad():
+        before = model(WINDOWS).logits
+    save_quantized(qm, _tokenizer(), recipe, "tiny", tmp_path / "q", findings)
+    loaded, _, _, manifest = load_quantized(tmp_path / "q", device="cpu")
+    assert manifest["transforms"]["o_online"]
+    with torch.no_grad():
+        after = loaded.model(WINDOWS).logits
+    assert torch.allclose(before, after, atol=1e-5, rtol=0), float((before - after).abs().max())

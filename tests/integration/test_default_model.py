@@ -7,17 +7,14 @@ import pytest
 import torch
 
 from spikequant.cli import main
-from spikequant.pipeline import Session
 from spikequant.recipes import load_recipe
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def session(data_dir):
-    s = Session(data_dir=str(data_dir), seqlen=256, max_windows=4, progress=False)
-    s.load()
-    return s
+def session(make_session):
+    return make_session(256, 4)
 
 
 def test_fp_ppl_matches_hf_loss(session):

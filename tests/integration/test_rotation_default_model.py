@@ -2,17 +2,14 @@
 
 import pytest
 
-from spikequant.pipeline import Session
 from spikequant.recipes import load_recipe
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def session(data_dir):
-    s = Session(data_dir=str(data_dir), seqlen=256, max_windows=2, progress=False)
-    s.load()
-    return s
+def session(make_session):
+    return make_session(256, 2)
 
 
 def test_rotation_alone_keeps_the_model(session):

@@ -9,7 +9,10 @@ from spikequant.transforms import (
     RotationError,
     attention_transforms,
     fuse_down_hadamard,
+    fuse_input_hadamard,
     fuse_norms,
+    has_online_hadamard,
+    install_online_hadamard,
     install_r3,
     install_r4,
     rotate_heads,
@@ -143,3 +146,25 @@ def test_generation_with_kv_cache_matches():
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_online_o_proj_hadamard_needs_both_halves(arch):
+    model, ref = pair(arch)
+    fuse_input_hadamard(model, "o_proj")
+    assert max_logit_diff(model, ref) > 1e-3  # the fused half alone changes the model
+    install_online_hadamard(model, "o_proj")
+    assert has_online_hadamard(model, "o_proj") and not has_online_hadamard(model, "down_proj")
+    assert max_logit_diff(model, ref) <= TOL
+
+
+def test_all_rotations_with_online_o_proj_exact(arch):
+    model, ref = pair(arch)
+    rep = rotate_model(model, RotationConfig(seed=2, o_online=True))
+    assert rep["o_online"] and has_online_hadamard(model, "o_proj")
+    assert max_logit_diff(model, ref) <= TOL
+
+
+def test_online_o_proj_needs_a_construction():
+    model, _ = pair("llama", num_attention_heads=3, num_key_value_heads=1, head_dim=10)  # 3 x 10 = 30
+    with pytest.raises(RotationError, match="o_proj input size 30 .*no Hadamard construction"):
+        rotate_model(model, RotationConfig(r1="none", r2=False, r3=False, r4=False, o_online=True))

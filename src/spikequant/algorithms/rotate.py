@@ -19,7 +19,8 @@ from spikequant.transforms.rotation import ROTATION_KINDS
 @register
 @dataclass
 class Rotate(Modifier):
-    """R1 (``hadamard``: randomized Hadamard, ``random``: Haar, ``none``), R2 per head, online R3 and R4.
+    """R1 (``hadamard``: randomized Hadamard, ``random``: Haar, ``none``), R2 per head, online R3 and R4;
+    ``o_online``: also an online Hadamard on the o_proj input across all heads (QuaRot's cross-head step).
 
     ``seed`` (default: the recipe's) seeds R1/R2. ``expand``: ``{hidden: d, mlp: d'}`` extra widths; a
     dimension with no Hadamard construction is expanded automatically to the next constructible size.
@@ -30,6 +31,7 @@ class Rotate(Modifier):
     r2: bool = True
     r3: bool = True
     r4: bool = True
+    o_online: bool = False
     seed: int | None = None
     expand: dict[str, int] = field(default_factory=dict)
 
@@ -38,11 +40,11 @@ class Rotate(Modifier):
             raise ValueError(f"r1 {self.r1!r} not one of {', '.join(ROTATION_KINDS)}")
         if not isinstance(self.expand, dict):
             raise ValueError(f"expand must be a mapping like {{hidden: 64, mlp: 0}}, got {self.expand!r}")
-        RotationConfig(self.r1, self.r2, self.r3, self.r4, 0, dict(self.expand))  # validates the keys
+        RotationConfig(self.r1, self.r2, self.r3, self.r4, 0, dict(self.expand), self.o_online)  # validates the keys
 
     def apply(self, ctx: QuantContext) -> None:
         seed = ctx.seed if self.seed is None else self.seed
-        cfg = RotationConfig(self.r1, self.r2, self.r3, self.r4, seed, dict(self.expand))
+        cfg = RotationConfig(self.r1, self.r2, self.r3, self.r4, seed, dict(self.expand), self.o_online)
         ctx.findings["rotation"] = rotate_model(ctx.model, cfg)
 
 

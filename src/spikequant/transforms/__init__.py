@@ -15,6 +15,8 @@ from spikequant.transforms.norms import RMSNorm, fuse_norms, untie_embeddings, u
 from spikequant.transforms.online import (
     AttentionTransform,
     attention_transforms,
+    has_online_hadamard,
+    install_online_hadamard,
     install_r3,
     install_r4,
     installed_attention_transforms,
@@ -23,6 +25,7 @@ from spikequant.transforms.rotation import (
     Rotation,
     RotationError,
     fuse_down_hadamard,
+    fuse_input_hadamard,
     rotate_heads,
     rotate_residual,
 )
@@ -30,7 +33,8 @@ from spikequant.transforms.rotation import (
 __all__ = [
     "AttentionTransform", "ExpansionError", "RMSNorm", "Rotation", "RotationConfig", "RotationError",
     "attention_transforms", "expand_hidden", "expand_mlp", "expanded_config", "expansion_cost",
-    "fuse_down_hadamard", "fuse_norms", "install_kv_quantizers", "install_r3", "install_r4",
+    "fuse_down_hadamard", "fuse_input_hadamard", "fuse_norms", "has_online_hadamard",
+    "install_online_hadamard", "install_kv_quantizers", "install_r3", "install_r4",
     "installed_attention_transforms", "original_sizes", "restore_transforms", "rotate_heads", "rotate_model",
     "rotate_residual", "transform_state", "untie_embeddings", "use_precise_norms",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from spikequant.hadamard import is_constructible, next_constructible
 from spikequant.models.arch import get_arch, model_dims
 from spikequant.quant.kv import KVQuantizer
 from spikequant.quant.spec import QuantSpec
@@ -28,7 +29,9 @@ from spikequant.transforms.expand import (
 from spikequant.transforms.norms import RMSNorm, fuse_norms, replace_norm, residual_norm_paths
 from spikequant.transforms.online import (
     attention_transforms,
+    has_online_hadamard,
     has_r4,
+    install_online_hadamard,
     install_r3,
     install_r4,
     installed_attention_transforms,
@@ -38,6 +41,7 @@ from spikequant.transforms.rotation import (
     Rotation,
     RotationError,
     fuse_down_hadamard,
+    fuse_input_hadamard,
     rotate_heads,
     rotate_residual,
 )
@@ -51,7 +55,9 @@ class RotationConfig:
 
     ``r1``: ``hadamard`` (randomized Hadamard, seeded signs), ``random`` (Haar orthogonal) or ``none``;
     ``r2``: per-head Hadamard-kind rotation on V→O (randomized Hadamard unless r1 is ``random``, then Haar);
-    ``r3``/``r4``: online Hadamards on Q/K after RoPE and on the down_proj input. ``expand``: extra
+    ``r3``/``r4``: online Hadamards on Q/K after RoPE and on the down_proj input; ``o_online``: an online
+    Hadamard on the o_proj input across all heads (QuaRot's cross-head step; off by default, needs
+    heads x head_dim constructible), with its fused half in o_proj. ``expand``: extra
     ``hidden``/``mlp`` width; a dimension whose Hadamard is needed but missing is expanded automatically
     to the smallest constructible size above it. ``fuse_norms`` runs whenever any rotation does.
     """
@@ -62,6 +68,7 @@ class RotationConfig:
     r4: bool = True
     seed: int = 0
     expand: dict[str, int] = field(default_factory=dict)
+    o_online: bool = False
 
     def __post_init__(self) -> None:
         if self.r1 not in ROTATION_KINDS:
@@ -72,14 +79,14 @@ class RotationConfig:
 
     @property
     def any(self) -> bool:
-        return self.r1 != "none" or self.r2 or self.r3 or self.r4 or bool(self.expand)
+        return self.r1 != "none" or self.r2 or self.r3 or self.r4 or self.o_online or bool(self.expand)
 
 
 def rotate_model(model: nn.Module, config: RotationConfig) -> dict[str, Any]:
     """Apply ``config`` to ``model`` in place (full-precision output unchanged); returns a report."""
     dims = model_dims(model)
     report: dict[str, Any] = {"r1": config.r1, "r2": config.r2, "r3": config.r3, "r4": config.r4,
-                              "seed": config.seed}
+                              "o_online": config.o_online, "seed": config.seed}
     if not config.any:
         return report
     head_kind = "random" if config.r1 == "random" else "hadamard"
@@ -90,6 +97,11 @@ def rotate_model(model: nn.Module, config: RotationConfig) -> dict[str, Any]:
     r2 = Rotation(dims.head_dim, head_kind, config.seed + 1) if config.r2 else None
     if config.r3:
         Rotation(dims.head_dim, "hadamard")  # R3 is a plain Hadamard of head_dim: check it exists
+    if config.o_online and not is_constructible(dims.num_heads * dims.head_dim):
+        n = dims.num_heads * dims.head_dim
+        raise RotationError(f"o_proj input size {n} (heads x head_dim) has no Hadamard construction; nearest "
+                            f"constructible sizes above: {', '.join(map(str, next_constructible(n)))} "
+                            "(set o_online: false)")
     cost = expansion_cost(model, extra_h, extra_m)
     fuse_norms(model)
     if extra_h:
@@ -103,6 +115,9 @@ def rotate_model(model: nn.Module, config: RotationConfig) -> dict[str, Any]:
     if config.r4:
         fuse_down_hadamard(model)
         install_r4(model)
+    if config.o_online:
+        fuse_input_hadamard(model, "o_proj")
+        install_online_hadamard(model, "o_proj")
     if config.r3:
         install_r3(model)
     new = model_dims(model)
@@ -127,9 +142,11 @@ def transform_state(model: nn.Module) -> dict[str, Any] | None:
     fused = isinstance(final, RMSNorm)
     attn = installed_attention_transforms(model)
     r4 = has_r4(model)
-    if not fused and attn is None and not r4:
+    o_online = has_online_hadamard(model, "o_proj")
+    if not fused and attn is None and not r4 and not o_online:
         return None
-    state: dict[str, Any] = {"version": STATE_VERSION, "norms": None, "r4": r4, "r3": False, "kv": None,
+    state: dict[str, Any] = {"version": STATE_VERSION, "norms": None, "r4": r4, "o_online": o_online,
+                             "r3": False, "kv": None,
                              "expansion": getattr(model.config, EXPANSION_KEY, None)}
     if fused:
         state["norms"] = {"dim": final.dim}
@@ -178,6 +195,8 @@ def restore_transforms(model: nn.Module, state: dict[str, Any] | None) -> None:
             replace_norm(model, path, dim=state["norms"]["dim"])
     if state.get("r4"):
         install_r4(model)
+    if state.get("o_online"):
+        install_online_hadamard(model, "o_proj")
     if state.get("r3"):
         install_r3(model)
     kv = state.get("kv")

@@ -1,4 +1,5 @@
-"""Online transforms: R4 (Hadamard on the down_proj input, a forward pre-hook) and the attention wrapper
+"""Online transforms: R4 (Hadamard on the down_proj input, a forward pre-hook), the optional Hadamard on
+the o_proj input across all heads, and the attention wrapper
 that applies R3 (Hadamard on Q and K after RoPE) and quantizes the KV cache.
 
 The attention wrapper goes through transformers' attention-function interface rather than copies of the
@@ -120,22 +121,43 @@ def install_r3(model: nn.Module) -> None:
         t.r3 = True
 
 
-def install_r4(model: nn.Module) -> None:
-    """Online half of R4: down_proj input z ↦ z Mᵀ (pairs with :func:`fuse_down_hadamard`)."""
+ONLINE_PROJS = ("down_proj", "o_proj")
+
+
+def _online_attr(proj: str) -> str:
+    if proj not in ONLINE_PROJS:
+        raise ValueError(f"online Hadamard input of {proj!r}: only {', '.join(ONLINE_PROJS)}")
+    return R4_ATTR if proj == "down_proj" else f"spikequant_online_{proj}_handle"
+
+
+def install_online_hadamard(model: nn.Module, proj: str) -> None:
+    """Online half of an input Hadamard on ``proj`` (``down_proj``: R4, ``o_proj``: across all heads) in
+    every layer: its input z ↦ z Mᵀ, pairing with :func:`~spikequant.transforms.rotation.fuse_input_hadamard`."""
     arch = get_arch(model)
+    attr = _online_attr(proj)
     for layer in decoder_layers(model):
-        down = layer.get_submodule(arch.down_proj)
-        if getattr(down, R4_ATTR, None) is not None:
+        lin = layer.get_submodule(getattr(arch, proj))
+        if getattr(lin, attr, None) is not None:
             continue
 
         def pre_hook(_m, args):
             return (hadamard_transform(args[0]),) + tuple(args[1:])
 
         # prepend: the rotation must run before any input quantizer hooked on the same linear.
-        setattr(down, R4_ATTR, down.register_forward_pre_hook(pre_hook, prepend=True))
+        setattr(lin, attr, lin.register_forward_pre_hook(pre_hook, prepend=True))
+
+
+def has_online_hadamard(model: nn.Module, proj: str) -> bool:
+    arch = get_arch(model)
+    attr = _online_attr(proj)
+    return all(getattr(layer.get_submodule(getattr(arch, proj)), attr, None) is not None
+               for layer in decoder_layers(model))
+
+
+def install_r4(model: nn.Module) -> None:
+    """Online half of R4: down_proj input z ↦ z Mᵀ (pairs with :func:`fuse_down_hadamard`)."""
+    install_online_hadamard(model, "down_proj")
 
 
 def has_r4(model: nn.Module) -> bool:
-    arch = get_arch(model)
-    return all(getattr(layer.get_submodule(arch.down_proj), R4_ATTR, None) is not None
-               for layer in decoder_layers(model))
+    return has_online_hadamard(model, "down_proj")

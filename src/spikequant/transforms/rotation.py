@@ -139,19 +139,28 @@ def rotate_heads(model: nn.Module, rot: Rotation) -> None:
 
 
 @torch.no_grad()
-def fuse_down_hadamard(model: nn.Module) -> None:
-    """Fused half of R4: down_proj W ← W Mᵀ where the online half maps its input z ↦ z Mᵀ
-    (``hadamard_transform``), M the normalized Hadamard of size intermediate_size."""
+def fuse_input_hadamard(model: nn.Module, proj: str) -> None:
+    """Fused half of an online input Hadamard on ``proj`` (``down_proj``: R4; ``o_proj``: across all
+    heads) in every layer: W ← W Mᵀ, where the online half maps the input z ↦ z Mᵀ
+    (``hadamard_transform``), M the normalized Hadamard of the linear's input size."""
     arch = get_arch(model)
-    m = model_dims(model).intermediate
+    layers = decoder_layers(model)
+    m = layers[0].get_submodule(getattr(arch, proj)).in_features
     if not is_constructible(m):
+        what = "intermediate_size" if proj == "down_proj" else f"{proj} input size (heads x head_dim)"
+        fix = f"use expansion: {{mlp: {next_constructible(m)[0] - m}}}" if proj == "down_proj" else "turn it off"
         raise RotationError(
-            f"intermediate_size {m} has no Hadamard construction for R4; nearest constructible sizes above: "
-            f"{', '.join(map(str, next_constructible(m)))} (use expansion: {{mlp: {next_constructible(m)[0] - m}}})"
+            f"{what} {m} has no Hadamard construction for the online {proj} rotation; nearest constructible "
+            f"sizes above: {', '.join(map(str, next_constructible(m)))} ({fix})"
         )
-    for layer in decoder_layers(model):
-        down = layer.get_submodule(arch.down_proj)
-        _set_weight(down, hadamard_transform(_f64(down.weight)))
+    for layer in layers:
+        lin = layer.get_submodule(getattr(arch, proj))
+        _set_weight(lin, hadamard_transform(_f64(lin.weight)))
+
+
+def fuse_down_hadamard(model: nn.Module) -> None:
+    """Fused half of R4: down_proj W ← W Mᵀ, M the normalized Hadamard of size intermediate_size."""
+    fuse_input_hadamard(model, "down_proj")
 
 
 def spike_shrink(n: int) -> dict[str, float]:
