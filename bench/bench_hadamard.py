@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch thread counts to measure (default: torch's, %(default)s)")
     ap.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update")
     ap.add_argument("--no-write", action="store_true", help="only print the table")
+    ap.add_argument("--chunk-bytes", type=int, default=None,
+                    help="HadamardTransform(chunk_bytes=...): rows in chunks of this size at every thread count "
+                         "(default: the transform's own choice, chunks only single-threaded)")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
     rows = [
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n in args.sizes:
-        t = HadamardTransform(n)
+        t = HadamardTransform(n, chunk_bytes=args.chunk_bytes)
         diff = agreement(t)
         for k, (dense, fast) in timings(t, args.rows, args.repeats, args.threads).items():
             chunked = k == 1 if t.chunk_bytes is None else t.chunk_bytes > 0  # as __call__ decides
