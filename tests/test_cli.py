@@ -35,3 +35,22 @@ def test_malformed_recipe_names_the_key(tmp_path, capsys):
 def test_recipes_lists_presets(capsys):
     assert main(["recipes"]) == 0
     assert "w8a8-tensor-static" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--max-windows", "--seqlen"])
+def test_non_positive_window_flags_fail_on_parsing(capsys, flag):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", flag, "0"])
+    assert exc.value.code == 2
+    assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_unavailable_device_fails_before_the_model_loads(tmp_path, capsys, data_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "report.json"
+    code, err = _run(["eval", "--device", "cuda", "--data-dir", str(data_dir), "--json", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and "CUDA is not available" in err[0], err
+    assert not out.exists()

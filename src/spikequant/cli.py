@@ -20,12 +20,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse then names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser, seqlen: int = 2048) -> None:
     p.add_argument("--data-dir", default=None,
                    help="folder holding wikitext-2/ (or $SPIKEQUANT_DATA_DIR); without it the hub copy is used")
     p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4 or a path to a text file")
-    p.add_argument("--seqlen", type=int, default=seqlen, help="evaluation window length (default: %(default)s)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--seqlen", type=positive_int, default=seqlen,
+                   help="evaluation window length (default: %(default)s)")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows")
     p.add_argument("--no-kl", action="store_true", help="skip the KL / top-1 comparison with the FP model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

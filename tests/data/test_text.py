@@ -12,6 +12,8 @@ def test_eval_windows_are_consecutive_and_limited():
     assert eval_windows(ids, 128, max_windows=2).shape == (2, 128)
     with pytest.raises(DataError, match="fewer than one window"):
         eval_windows(ids[:10], 128)
+    with pytest.raises(DataError, match="max_windows must be >= 1, got 0"):
+        eval_windows(ids, 128, max_windows=0)
 
 
 def test_calibration_is_seeded():

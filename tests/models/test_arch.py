@@ -41,3 +41,15 @@ def test_tiny_models_are_deterministic():
     a, b = tiny_model("llama", seed=1), tiny_model("llama", seed=1)
     ids = torch.randint(0, 96, (1, 8))
     assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_resolve_device():
+    from spikequant.errors import ModelLoadError
+    from spikequant.models.loading import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device(None) in ("cpu", "cuda")
+    with pytest.raises(ModelLoadError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    with pytest.raises(ModelLoadError, match="'meta' is not supported"):
+        resolve_device("meta")

@@ -115,6 +115,8 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
     """Non-overlapping windows of ``seqlen`` tokens from the start (the paper protocol), shape (N, seqlen)."""
     if seqlen < 2:
         raise DataError(f"seqlen must be >= 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise DataError(f"max_windows must be >= 1, got {max_windows}")
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

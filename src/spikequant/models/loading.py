@@ -93,6 +93,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """The device to load onto: ``device`` checked (a clear error instead of torch's assertion deep in
+    ``.to()``), or CUDA when present, else CPU."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available here "
+                                 f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ModelLoadError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return str(dev)
+
+
 def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
     """Return (directory or hub id, gguf file name inside it or None)."""
     if name_or_path in BUILTIN_MODELS:
@@ -131,6 +151,7 @@ def load_model(
         if dtype not in DTYPES:
             raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    device = resolve_device(device)  # before the (slow) load
     path, _ = resolve_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -147,5 +168,5 @@ def load_model(
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load model {name_or_path!r}: {first}") from None
-    model.to(device or default_device()).eval()
+    model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tok, source=name_or_path, path=path)
