@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-unit lint bench clean
+.PHONY: setup demo test test-unit lint bench bench-hadamard bench-rotation clean
 
 $(BIN)/.spikequant-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/bench_fakequant.py --data-dir $(DATA_DIR)
+
+bench-hadamard: setup
+	$(BIN)/python bench/bench_hadamard.py --threads 1 2 --repeats 3
+
+bench-rotation: setup
+	$(BIN)/python bench/bench_rotation.py --data-dir $(DATA_DIR) --recipes fp norot-w4a4kv4 random-rot-w4a4kv4 \
+	    quarot-rtn-w4a4kv4 quarot-w4a4kv4 quarot-rtn-w3a3kv3 quarot-w3a3kv3 --json results/rotation.json
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

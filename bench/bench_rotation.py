@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -78,6 +79,7 @@ def main() -> int:
         print(f"| {r.name} | {row['ppl']:.2f} | {kl} | {top1} | {row['quantize_s']:.0f} | "
               f"{row['eval_s']:.0f} | {row['hidden'] or '-'} | {row['mlp'] or '-'} |", flush=True)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=2)
     return 0
