@@ -166,5 +166,5 @@ def test_all_rotations_with_online_o_proj_exact(arch):
 
 def test_online_o_proj_needs_a_construction():
     model, _ = pair("llama", num_attention_heads=3, num_key_value_heads=1, head_dim=10)  # 3 x 10 = 30
-    with pytest.raises(RotationError, match="o_proj input size 30 .*no Hadamard construction"):
+    with pytest.raises(RotationError, match=r"o_proj input size \(heads x head_dim\) 30 has no Hadamard construction"):
         rotate_model(model, RotationConfig(r1="none", r2=False, r3=False, r4=False, o_online=True))

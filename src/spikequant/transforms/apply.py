@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import nn
 
-from spikequant.hadamard import is_constructible, next_constructible
 from spikequant.models.arch import get_arch, model_dims
 from spikequant.quant.kv import KVQuantizer
 from spikequant.quant.spec import QuantSpec
@@ -42,6 +41,7 @@ from spikequant.transforms.rotation import (
     RotationError,
     fuse_down_hadamard,
     fuse_input_hadamard,
+    require_input_hadamard,
     rotate_heads,
     rotate_residual,
 )
@@ -97,11 +97,8 @@ def rotate_model(model: nn.Module, config: RotationConfig) -> dict[str, Any]:
     r2 = Rotation(dims.head_dim, head_kind, config.seed + 1) if config.r2 else None
     if config.r3:
         Rotation(dims.head_dim, "hadamard")  # R3 is a plain Hadamard of head_dim: check it exists
-    if config.o_online and not is_constructible(dims.num_heads * dims.head_dim):
-        n = dims.num_heads * dims.head_dim
-        raise RotationError(f"o_proj input size {n} (heads x head_dim) has no Hadamard construction; nearest "
-                            f"constructible sizes above: {', '.join(map(str, next_constructible(n)))} "
-                            "(set o_online: false)")
+    if config.o_online:
+        require_input_hadamard(model, "o_proj")
     cost = expansion_cost(model, extra_h, extra_m)
     fuse_norms(model)
     if extra_h:

@@ -138,14 +138,11 @@ def rotate_heads(model: nn.Module, rot: Rotation) -> None:
         _set_weight(o, rot.right(wo).reshape(o.weight.shape))
 
 
-@torch.no_grad()
-def fuse_input_hadamard(model: nn.Module, proj: str) -> None:
-    """Fused half of an online input Hadamard on ``proj`` (``down_proj``: R4; ``o_proj``: across all
-    heads) in every layer: W ← W Mᵀ, where the online half maps the input z ↦ z Mᵀ
-    (``hadamard_transform``), M the normalized Hadamard of the linear's input size."""
+def require_input_hadamard(model: nn.Module, proj: str) -> int:
+    """The input size of ``proj`` (same in every layer), or a :class:`RotationError` naming the sizes that
+    work when it has no Hadamard construction; lets callers fail before touching the model."""
     arch = get_arch(model)
-    layers = decoder_layers(model)
-    m = layers[0].get_submodule(getattr(arch, proj)).in_features
+    m = decoder_layers(model)[0].get_submodule(getattr(arch, proj)).in_features
     if not is_constructible(m):
         what = "intermediate_size" if proj == "down_proj" else f"{proj} input size (heads x head_dim)"
         fix = f"use expansion: {{mlp: {next_constructible(m)[0] - m}}}" if proj == "down_proj" else "turn it off"
@@ -153,7 +150,17 @@ def fuse_input_hadamard(model: nn.Module, proj: str) -> None:
             f"{what} {m} has no Hadamard construction for the online {proj} rotation; nearest constructible "
             f"sizes above: {', '.join(map(str, next_constructible(m)))} ({fix})"
         )
-    for layer in layers:
+    return m
+
+
+@torch.no_grad()
+def fuse_input_hadamard(model: nn.Module, proj: str) -> None:
+    """Fused half of an online input Hadamard on ``proj`` (``down_proj``: R4; ``o_proj``: across all
+    heads) in every layer: W ← W Mᵀ, where the online half maps the input z ↦ z Mᵀ
+    (``hadamard_transform``), M the normalized Hadamard of the linear's input size."""
+    require_input_hadamard(model, proj)
+    arch = get_arch(model)
+    for layer in decoder_layers(model):
         lin = layer.get_submodule(getattr(arch, proj))
         _set_weight(lin, hadamard_transform(_f64(lin.weight)))
 
