@@ -108,3 +108,31 @@ def test_rotate_modifier_errors():
         load_recipe({"name": "x", "modifiers": [{"type": "rotate", "r1": "walsh"}]})
     with pytest.raises(RecipeError, match="expand key 'width'"):
         load_recipe({"name": "x", "modifiers": [{"type": "rotate", "expand": {"width": 8}}]})
+
+
+def test_v_cache_wins_over_v_proj_in_any_order_on_both_paths():
+    from spikequant.algorithms.clip_ratios import apply_clip_ratios
+
+    ratios = {"layers": {"0": {"v_cache": 0.6, "v_proj": 0.9}}}  # v_cache listed first
+    data = load_recipe("quarot-rtn-w4a4kv4").to_dict()
+    data["modifiers"].append({"type": "clip_ratios", "ratios": ratios})
+    model, qm, _, _ = _run("llama", load_recipe(data))
+    v_cache = installed_attention_transforms(model)[0].v_quantizer
+    assert v_cache.spec.clip_ratio == 0.6  # through the recipe
+    apply_clip_ratios(qm, {0: {"v_cache": 0.6, "v_proj": 0.9}})
+    assert v_cache.spec.clip_ratio == 0.6  # and in place
+    assert clip_ratios(qm)[0]["v_proj"] == 0.9 and clip_ratios(qm)[0]["v_cache"] == 0.6
+
+
+def test_kv_only_recipe_ratio_file_loads_back(tmp_path):
+    """With the KV cache quantized but no linear inputs, the saved ratios (v_proj for the V cache) reload."""
+    data = {"name": "kv-only", "modifiers": [{"type": "rotate"}, {"type": "kv_cache", "bits": 4}]}
+    _, qm, _, _ = _run("qwen3", load_recipe(data))
+    set_clip_ratio(qm, 1, "v_proj", 0.7)
+    saved = clip_ratios(qm)
+    assert saved[1] == {"v_proj": 0.7, "k_cache": 1.0}
+    save_ratio_file(saved, tmp_path / "r.json")
+    data["modifiers"].append({"type": "clip_ratios", "file": str(tmp_path / "r.json")})
+    model, qm2, _, _ = _run("qwen3", load_recipe(data))
+    assert clip_ratios(qm2) == saved
+    assert installed_attention_transforms(model)[1].v_quantizer.spec.clip_ratio == 0.7

@@ -119,10 +119,16 @@ def set_clip_ratio(qm: QuantizedModel, layer: int, key: str, ratio: float,
             mq.inputs = replace(mq.inputs, clip_ratio=ratio)
 
 
+def in_key_order(entries: dict[str, float]) -> list[tuple[str, float]]:
+    """A layer's ratios in :data:`KEYS` order, so an explicit ``v_cache`` (last) wins over ``v_proj``'s
+    ratio for the V cache whatever order a file lists them in."""
+    return [(k, entries[k]) for k in KEYS if k in entries]
+
+
 def apply_clip_ratios(qm: QuantizedModel, ratios: Ratios) -> None:
     index = activation_quantizers(qm)
     for layer, entries in ratios.items():
-        for key, r in entries.items():
+        for key, r in in_key_order(entries):
             set_clip_ratio(qm, layer, key, r, index)
 
 
@@ -171,13 +177,15 @@ class ClipRatios(Modifier):
         for layer, entries in ratios.items():
             if not 0 <= layer < n_layers:
                 raise RecipeError(f"clip_ratios: layer {layer} out of range (model has {n_layers} layers)")
-            for key, r in entries.items():
+            v_cache = None if attn is None else attn[layer].v_quantizer
+            for key, r in in_key_order(entries):
                 if key in LINEAR_KEYS:
                     name = f"{arch.layers}.{layer}.{arch.linear_roles[key]}"
                     spec = plan[name].inputs if name in plan else None
-                    if spec is None:
+                    if spec is not None:
+                        ctx.overrides.append(([name], {"inputs": replace(spec, clip_ratio=r)}))
+                    elif not (key == "v_proj" and v_cache is not None):  # v_proj's ratio may clip the V cache only
                         raise RecipeError(f"clip_ratios: layer {layer}.{key}: that linear's input is not quantized")
-                    ctx.overrides.append(([name], {"inputs": replace(spec, clip_ratio=r)}))
                 cache = "k_quantizer" if key == "k_cache" else "v_quantizer" if key in ("v_cache", "v_proj") else None
                 if cache is None:
                     continue
@@ -186,8 +194,5 @@ class ClipRatios(Modifier):
                     if key == "v_proj":
                         continue  # no V cache quantizer: v_proj's ratio applies to its input only
                     raise RecipeError(f"clip_ratios: layer {layer}.{key}: no KV-cache quantizer; list kv_cache first")
-                # v_cache (explicit) wins over v_proj's ratio whichever comes first in the file
-                if key == "v_proj" and "v_cache" in entries:
-                    continue
                 q.spec = replace(q.spec, clip_ratio=r)
         ctx.findings["clip_ratios"] = {str(i): e for i, e in sorted(ratios.items())}
