@@ -79,3 +79,11 @@ def test_gptq_model_quantizes_every_planned_linear_and_lowers_output_error():
     with torch.no_grad():
         target = ref(windows).logits
         assert ((model(windows).logits - target) ** 2).mean() < ((rtn(windows).logits - target) ** 2).mean()
+
+
+def test_a_hessian_that_cannot_be_factorized_is_a_one_line_recipe_error():
+    from spikequant.errors import RecipeError
+
+    w, _ = _data()
+    with pytest.raises(RecipeError, match="not positive definite with damp=0.0; raise damp"):
+        gptq_quantize(w, -torch.eye(w.shape[1]), QuantSpec(bits=4, granularity="channel"), damp=0.0)

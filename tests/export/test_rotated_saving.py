@@ -67,3 +67,27 @@ def test_online_o_proj_hadamard_survives_save_reload(tmp_path):
     with torch.no_grad():
         after = loaded.model(WINDOWS).logits
     assert torch.allclose(before, after, atol=1e-5, rtol=0), float((before - after).abs().max())
+
+
+def test_damaged_saved_directory_fails_with_a_load_error(tmp_path):
+    import json
+
+    from spikequant.errors import ModelLoadError
+
+    model = tiny_model("mistral", seed=5)
+    recipe = load_recipe("quarot-rtn-w4a4kv4")
+    qm, findings = quantize(model, recipe, WINDOWS, progress=False)
+    save_quantized(qm, _tokenizer(), recipe, "tiny", tmp_path / "q", findings)
+    manifest_path = tmp_path / "q" / "spikequant.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["transforms"]["version"] = 99
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="unsupported transform state version 99"):
+        load_quantized(tmp_path / "q", device="cpu")
+    (tmp_path / "q" / "quantization.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="has no quantization.safetensors"):
+        load_quantized(tmp_path / "q", device="cpu")
+    del manifest["plan"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="lacks plan"):
+        load_quantized(tmp_path / "q", device="cpu")

@@ -101,12 +101,17 @@ def gptq_quantize(
     h[dead, dead] = 1
     w[:, dead] = 0
     scale, zero = weight_qparams(w, spec, mse_clip)  # static: from the weight before any update
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols, device=h.device)
     w = w[:, perm]
     h = h[perm][:, perm]
-    h += damp * torch.mean(torch.diagonal(h)) * torch.eye(cols, dtype=h.dtype)
+    h += damp * torch.mean(torch.diagonal(h)) * torch.eye(cols, dtype=h.dtype, device=h.device)
     # Upper Cholesky factor of H⁻¹: row j holds the update weights for the columns after j.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise RecipeError(f"gptq: the Hessian of a {rows}x{cols} weight is not positive definite with "
+                          f"damp={damp}; raise damp (e.g. 0.01-0.1) or use more calibration samples") from None
+    hinv = hinv.to(torch.float32)
     unit = QuantSpec(bits=spec.bits, symmetric=spec.symmetric)
     g = spec.group_size if spec.granularity == "group" else None
 
@@ -117,7 +122,7 @@ def gptq_quantize(
         return scale[:, k, 0], None if zero is None else zero[:, k, 0]
 
     q = torch.zeros_like(w)
-    loss = 0.0
+    loss = torch.zeros((), dtype=torch.float32, device=w.device)  # one host sync at the end, not per column
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
@@ -130,13 +135,13 @@ def gptq_quantize(
             qc = int_qdq(col, unit, s, z)
             q[:, i1 + i] = qc
             e = (col - qc) / d
-            loss += float((col - qc).pow(2).sum() / d**2) / 2
+            loss += (col - qc).pow(2).sum() / d**2 / 2
             w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     out = torch.empty_like(q)
     out[:, perm] = q
-    return GPTQResult(out.to(weight.dtype), scale, zero, loss)
+    return GPTQResult(out.to(weight.dtype), scale, zero, float(loss))
 
 
 class _Stop(Exception):

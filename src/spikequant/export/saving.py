@@ -76,9 +76,17 @@ def load_quantized(
         raise ModelLoadError(f"{path / MANIFEST} is unreadable: {e}") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ModelLoadError(f"{path}: unsupported spikequant format version {manifest.get('format_version')}")
+    missing = [k for k in ("base_model", "recipe", "plan") if k not in manifest]
+    if missing:
+        raise ModelLoadError(f"{path / MANIFEST} lacks {', '.join(missing)}: not written by spikequant quantize")
+    if not (path / QPARAMS).is_file():
+        raise ModelLoadError(f"{path} has no {QPARAMS}: the save was interrupted or the file was removed")
     transforms = manifest.get("transforms")
     loaded = load_model(str(path), dtype, device, config_overrides=expanded_config(transforms) or None)
-    restore_transforms(loaded.model, transforms)  # before attach: R4 and KV quantizers come first
+    try:
+        restore_transforms(loaded.model, transforms)  # before attach: R4 and KV quantizers come first
+    except ValueError as e:
+        raise ModelLoadError(f"{path / MANIFEST}: {e}") from None
     plan = {
         n: ModuleQuant(**{s: QuantSpec.from_dict(v, f"{MANIFEST}: {n}.{s}") for s, v in slots.items()})
         for n, slots in manifest["plan"].items()
