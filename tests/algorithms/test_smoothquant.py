@@ -52,3 +52,8 @@ def test_modifier_in_a_recipe_keeps_fp64_logits_with_full_heads():
 def test_bad_alpha_is_a_recipe_error():
     with pytest.raises(RecipeError, match="alpha"):
         load_recipe({"name": "x", "modifiers": [{"type": "smoothquant", "alpha": 1.5}]})
+
+
+def test_bad_num_samples_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="num_samples must be a positive integer, got 0"):
+        load_recipe({"name": "x", "modifiers": [{"type": "smoothquant", "num_samples": 0}]})

@@ -68,3 +68,20 @@ def test_float_linear_share_counts_weights_or_inputs():
     down = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("down_proj"))
     total = sum(model.get_submodule(n).weight.numel() for n in qm.plan)
     assert float_linear_share(qm) == pytest.approx(down / total)
+
+
+def test_output_that_is_a_file_or_a_foreign_json_fails_before_running(tmp_path):
+    recipes = resolve_recipes(["fp", "w8a8-tensor"])
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SpikequantError, match="is a file"):
+        run_compare(_session(), recipes, tmp_path / "f")
+    (tmp_path / "compare.json").write_text("[1, 2]")
+    with pytest.raises(SpikequantError, match="not a compare.json written by spikequant compare"):
+        run_compare(_session(), recipes, tmp_path, resume=True)
+
+
+def test_reference_pass_is_not_in_any_row_wall_time(tmp_path):
+    s = _session()
+    reports = run_compare(s, resolve_recipes(["fp", "w8a8-tensor"]), tmp_path)
+    assert s._reference is not None  # computed once, before the rows were timed
+    assert reports[1]["timings"]["wall_s"] >= reports[1]["timings"]["eval_s"]

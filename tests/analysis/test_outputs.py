@@ -63,3 +63,17 @@ def test_token_summary(result):
     s = token_summary(res.stats, res.detected)
     assert s["spike_layers"] == 1 and s["top_tokens_considered"] == 8
     assert is_delimiter("\n") and is_delimiter(" .") and is_delimiter("@-@") and not is_delimiter(" the")
+
+
+def test_written_recipe_keeps_spike_layers_float_on_every_side():
+    """A base recipe that also quantizes linear outputs: the kept layer must not keep its output quantizer."""
+    base = load_recipe({"name": "w8a8o8", "weights": {"bits": 8, "granularity": "channel"},
+                        "inputs": {"bits": 8, "granularity": "tensor"}, "outputs": {"bits": 8, "granularity": "token"}})
+    kept = "model.layers.0.mlp.down_proj"
+    recipe = load_recipe(spike_recipe(base, [kept]))
+    from spikequant.models.tiny import tiny_model
+    from spikequant.pipeline import build_plan
+
+    plan = build_plan(tiny_model("llama"), recipe)
+    assert plan[kept].is_float
+    assert plan["model.layers.1.mlp.down_proj"].outputs is not None

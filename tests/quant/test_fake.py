@@ -120,7 +120,12 @@ def test_quantization_is_idempotent_and_bounded(bits, rows, cols, seed, symmetri
     spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="token")
     y = fake_quantize(x, spec)
     assert torch.allclose(fake_quantize(y, spec), y, atol=1e-12)
-    assert torch.all(y.abs().amax(-1) <= x.abs().amax(-1) + 1e-12) if symmetric else True
+    if symmetric:  # the grid ends at the absmax
+        assert torch.all(y.abs().amax(-1) <= x.abs().amax(-1) + 1e-12)
+    else:  # the grid spans [min(x, 0), max(x, 0)], its ends moved by at most half a step by the rounded zero
+        lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+        half = (hi - lo) / (2**bits - 1) / 2
+        assert torch.all(y.amin(-1) >= lo - half - 1e-12) and torch.all(y.amax(-1) <= hi + half + 1e-12)
 
 
 def test_zero_tensor_stays_zero():

@@ -60,6 +60,12 @@ class Modifier:
 MODIFIERS: dict[str, type[Modifier]] = {}
 
 
+def require_positive_int(value: Any, name: str) -> None:
+    """Modifier parameter check (a ValueError becomes a one-line RecipeError naming the modifier)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def register(cls: type[Modifier]) -> type[Modifier]:
     MODIFIERS[cls.type] = cls
     return cls

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spikequant.algorithms.base import Modifier, QuantContext, register
+from spikequant.algorithms.base import Modifier, QuantContext, register, require_positive_int
 from spikequant.models import decoder_layers, get_arch, model_dims
 
 
@@ -105,6 +105,7 @@ class SmoothQuant(Modifier):
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        require_positive_int(self.num_samples, "num_samples")
 
     def apply(self, ctx: QuantContext) -> None:
         rep = smooth_model(ctx.model, ctx.calibration_windows()[: self.num_samples], self.alpha, self.smooth_o,

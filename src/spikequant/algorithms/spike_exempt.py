@@ -10,19 +10,11 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from spikequant.algorithms.base import Modifier, QuantContext, register
+from spikequant.algorithms.base import Modifier, QuantContext, register, require_positive_int
 from spikequant.analysis.report import PRECISIONS, exemption_slots
 from spikequant.analysis.spikes import SpikeRule, collect_stats
 from spikequant.errors import SpikequantError
 from spikequant.models import decoder_linears, linear_role
-from spikequant.quant.spec import QuantSpec
-
-
-def _slots(precision: str, dynamic: bool) -> dict[str, QuantSpec | None]:
-    slots = exemption_slots(precision, dynamic)
-    if precision == "float":
-        slots["outputs"] = None  # a float layer is float on every side
-    return slots
 
 
 @dataclass
@@ -35,8 +27,7 @@ class _Detecting(Modifier):
     num_samples: int = 8
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {self.num_samples!r}")
+        require_positive_int(self.num_samples, "num_samples")
         try:
             self.rule()
         except SpikequantError as e:
@@ -79,7 +70,7 @@ class SpikeExempt(_Detecting):
     def apply(self, ctx: QuantContext) -> None:
         detected, info = self.detect(ctx)
         if detected:
-            ctx.overrides.append((detected, _slots(self.precision, self.dynamic)))
+            ctx.overrides.append((detected, exemption_slots(self.precision, self.dynamic)))
         ctx.findings["spike_layers"] = detected
         ctx.findings["spike_detection"] = {**info, "precision": self.precision}
 
@@ -109,7 +100,7 @@ class RandomExempt(_Detecting):
             chosen = rng.sample(pool, min(len(pool), len(detected)))
         chosen = sorted(chosen)
         if chosen:
-            ctx.overrides.append((chosen, _slots("float", True)))
+            ctx.overrides.append((chosen, exemption_slots("float")))
         ctx.findings["random_layers"] = chosen
         ctx.findings["excluded_spike_layers"] = detected
         ctx.findings["spike_detection"] = info

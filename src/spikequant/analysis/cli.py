@@ -55,6 +55,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     base = load_recipe(args.base_recipe)
     spike_recipe(base, [], args.precision)  # validates the combination
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise SpikequantError(f"--output {out} is a file; give a folder for the analysis files")
     clash = [f for f in FILES.values() if (out / f).exists()]
     if clash and not args.overwrite:
         raise SpikequantError(f"{out / clash[0]} exists; pass --overwrite or choose another --output")

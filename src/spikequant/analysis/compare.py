@@ -71,6 +71,8 @@ def _load_previous(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]
         prev = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise SpikequantError(f"cannot resume from {path}: {e}") from None
+    if not isinstance(prev, dict) or not isinstance(prev.get("results", []), list):
+        raise SpikequantError(f"cannot resume from {path}: not a compare.json written by spikequant compare")
     if prev.get("settings") != settings:
         raise SpikequantError(f"cannot resume: {path} was made with other settings {prev.get('settings')}; "
                               "use a new --output or drop --resume")
@@ -116,6 +118,8 @@ def run_compare(session: Session, recipes: list[Recipe], output: str | Path, res
                 ) -> list[dict[str, Any]]:
     """Evaluate ``recipes`` in order in one ``session`` and keep ``output/compare.{json,md,png}`` current."""
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise SpikequantError(f"--output {out} is a file; give a folder for compare.json/.md/.png")
     settings = _settings(session)
     previous: list[dict[str, Any]] = []
     if (out / FILES["json"]).exists():
@@ -125,6 +129,8 @@ def run_compare(session: Session, recipes: list[Recipe], output: str | Path, res
             raise SpikequantError(f"{out / FILES['json']} exists; pass --resume to continue it or --overwrite")
     done = {r["recipe"]["name"]: r for r in previous}
     session.load()  # a bad --data-dir or --model fails before any output is written
+    if session.kl and any(not r.is_float and r.name not in done for r in recipes):
+        session.reference()  # shared by all rows: computed here so no row's wall time includes it
     reports: list[dict[str, Any]] = []
     written = 0  # how many results the files on disk hold
     for i, recipe in enumerate(recipes):

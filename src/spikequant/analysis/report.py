@@ -127,10 +127,10 @@ def tokens_markdown(stats: list[LinearStats], detected: list[str], per_layer: in
 
 
 def exemption_slots(precision: str, dynamic: bool = True) -> dict[str, QuantSpec | None]:
-    """What a kept layer gets: float (weights and inputs unquantized), FP8 E4M3 with per-tensor scales
-    for weights and activations, or the unscaled FP8 E5M2 cast."""
+    """What a kept layer gets: float (weights, inputs and outputs unquantized: float on every side), FP8
+    E4M3 with per-tensor scales for weights and activations, or the unscaled FP8 E5M2 cast."""
     if precision == "float":
-        return {"weights": None, "inputs": None}
+        return {"weights": None, "inputs": None, "outputs": None}
     if precision == "fp8_e4m3":
         return {"weights": QuantSpec(format="fp8_e4m3", granularity="tensor"),
                 "inputs": QuantSpec(format="fp8_e4m3", granularity="tensor", dynamic=dynamic)}
