@@ -53,15 +53,15 @@ def smooth_model(model: nn.Module, windows: torch.Tensor, alpha: float = 0.5, sm
     """Fold SmoothQuant scales into ``model`` in place; returns the largest scale per linear group."""
     arch = get_arch(model)
     dims = model_dims(model)
-    paths = [arch.q_proj, arch.gate_proj, arch.down_proj] + ([arch.o_proj] if smooth_o else [])
+    # the first reader of each norm stands for all of them (they read the same tensor)
+    paths = [c[0] for _, c in arch.norm_consumers] + [arch.down_proj] + ([arch.o_proj] if smooth_o else [])
     stats = channel_maxima(model, windows, paths, progress)
     report: dict[str, float] = {}
     for i, layer in enumerate(decoder_layers(model)):
         def lin(path: str, layer: nn.Module = layer) -> nn.Linear:
             return layer.get_submodule(path)  # type: ignore[return-value]
 
-        for norm_path, consumers in ((arch.input_norm, (arch.q_proj, arch.k_proj, arch.v_proj)),
-                                     (arch.post_attn_norm, (arch.gate_proj, arch.up_proj))):
+        for norm_path, consumers in arch.norm_consumers:
             ws = [lin(p).weight for p in consumers]
             s = _scales(stats[(i, consumers[0])], ws, alpha)
             norm = layer.get_submodule(norm_path)

@@ -51,6 +51,23 @@ class ArchSpec:
             "down_proj": self.down_proj,
         }
 
+    @property
+    def norm_consumers(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """Each per-layer norm with the linears that read its output (paths relative to a layer), in
+        forward order: the residual stream's readers inside a decoder layer."""
+        return ((self.input_norm, (self.q_proj, self.k_proj, self.v_proj)),
+                (self.post_attn_norm, (self.gate_proj, self.up_proj)))
+
+    @property
+    def residual_readers(self) -> tuple[str, ...]:
+        """Linears of a layer whose input is (a normalized copy of) the residual stream."""
+        return tuple(p for _, consumers in self.norm_consumers for p in consumers)
+
+    @property
+    def residual_writers(self) -> tuple[str, ...]:
+        """Linears of a layer whose output is added to the residual stream."""
+        return (self.o_proj, self.down_proj)
+
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec(name="llama"),

@@ -76,9 +76,9 @@ def expand_hidden(model: nn.Module, extra: int) -> None:
     embed.embedding_dim += extra
     _pad_linear(model.get_submodule(arch.lm_head), extra_in=extra)  # type: ignore[arg-type]
     for layer in decoder_layers(model):
-        for p in (arch.q_proj, arch.k_proj, arch.v_proj, arch.gate_proj, arch.up_proj):
+        for p in arch.residual_readers:
             _pad_linear(layer.get_submodule(p), extra_in=extra)  # type: ignore[arg-type]
-        for p in (arch.o_proj, arch.down_proj):
+        for p in arch.residual_writers:
             _pad_linear(layer.get_submodule(p), extra_out=extra)  # type: ignore[arg-type]
     for path in residual_norm_paths(model):
         norm = model.get_submodule(path)

@@ -118,8 +118,7 @@ def fuse_norms(model: nn.Module) -> None:
     groups: list[tuple[str, list[str]]] = []
     for i, _ in enumerate(decoder_layers(model)):
         base = f"{arch.layers}.{i}."
-        groups.append((base + arch.input_norm, [base + p for p in (arch.q_proj, arch.k_proj, arch.v_proj)]))
-        groups.append((base + arch.post_attn_norm, [base + p for p in (arch.gate_proj, arch.up_proj)]))
+        groups += [(base + norm, [base + p for p in consumers]) for norm, consumers in arch.norm_consumers]
     groups.append((arch.final_norm, [arch.lm_head]))
     for norm_path, consumers in groups:
         norm = model.get_submodule(norm_path)

@@ -106,8 +106,8 @@ def rotate_residual(model: nn.Module, rot: Rotation) -> None:
     writers = []
     for i in range(dims.num_layers):
         base = f"{arch.layers}.{i}."
-        readers += [base + p for p in (arch.q_proj, arch.k_proj, arch.v_proj, arch.gate_proj, arch.up_proj)]
-        writers += [base + arch.o_proj, base + arch.down_proj]
+        readers += [base + p for p in arch.residual_readers]
+        writers += [base + p for p in arch.residual_writers]
     for path in readers:
         lin = model.get_submodule(path)
         _set_weight(lin, rot.right(_f64(lin.weight)))
