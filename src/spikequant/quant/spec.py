@@ -27,7 +27,9 @@ class QuantSpec:
     - ``keep_first_tokens``: activations only; the first k sequence positions pass through unquantized
       and do not enter the scale. Models keeping attention-sink tokens in high precision (their KV
       precomputed as a prefix cache, as PrefixQuant does): on LLaMA-like models those tokens carry the
-      spikes, so the per-tensor scale can fit everyone else.
+      spikes, so the per-tensor scale can fit everyone else. The rule sees only the linear's input, not
+      token positions: it is meant for full-sequence forward passes (evaluation, prefill); in cached
+      decoding a step of at most k new tokens would pass through unquantized.
     - ``outlier_tokens``: activations with granularity ``tensor`` only; in every sequence the k tokens
       with the largest max |x| are left out of the shared scale (and of static calibration) and get a
       scale of their own, in the same format and bits. The spike tokens (attention sink, delimiters)
