@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from spikequant.analysis.report import (
     token_note,
     tokens_markdown,
 )
-from spikequant.analysis.spikes import LinearStats, SpikeRule, collect_stats
+from spikequant.analysis.spikes import LinearStats, SpikeRule, collect_stats, median_max_in
 from spikequant.reports import environment, write_json, write_text
 
 if TYPE_CHECKING:  # recipes import the modifiers, which import this package
@@ -47,7 +46,7 @@ class SpikeAnalysis:
 
     @property
     def median(self) -> float:
-        return statistics.median(s.max_in for s in self.stats)
+        return median_max_in(self.stats)
 
     def to_dict(self) -> dict[str, Any]:
         return analysis_dict(self.stats, self.rule, self.percentile, self.outliers)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import statistics
 import string
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from spikequant.analysis.spikes import LinearStats, SpikeRule
+from spikequant.analysis.spikes import LinearStats, SpikeRule, median_max_in
 from spikequant.errors import RecipeError
 from spikequant.quant.spec import QuantSpec
 
@@ -77,7 +76,7 @@ def token_note(summary: dict[str, Any]) -> str:
 def analysis_dict(stats: list[LinearStats], rule: SpikeRule, percentile: float, outliers: int = 4
                   ) -> dict[str, Any]:
     detected = rule.detect(stats)
-    median = statistics.median(s.max_in for s in stats)
+    median = median_max_in(stats)
     return {
         "rule": rule.to_dict(),
         "median_max_in": median,
@@ -97,7 +96,7 @@ def _f(v: float) -> str:
 def stats_markdown(stats: list[LinearStats], detected: list[str], percentile: float, only: list[str] | None = None,
                    outliers: int = 4) -> str:
     """The per-linear table; ``only`` restricts the rows (e.g. to the detected layers)."""
-    median = statistics.median(s.max_in for s in stats)
+    median = median_max_in(stats)
     pct = f"{percentile:g}"
     rows = [f"| linear | layer | role | max \\|in\\| | x median | p{pct} \\|in\\| | max \\|in\\| w/o first token | "
             f"max \\|in\\| w/o {outliers} largest tokens | max \\|out\\| | max at window:position | channel | token "

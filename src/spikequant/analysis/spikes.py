@@ -136,6 +136,11 @@ def collect_stats(
 
 
 @dataclass(frozen=True)
+def median_max_in(stats: list[LinearStats]) -> float:
+    """The median over linears of their max |input|: the yardstick of the spike rule and the reports."""
+    return statistics.median(s.max_in for s in stats)
+
+
 class SpikeRule:
     """A projection is a spike layer when its max |input| exceeds ``k`` x the median of the max |input|
     of all decoder linears, or exceeds ``abs_threshold`` (either condition suffices; leave one out with
@@ -162,7 +167,7 @@ class SpikeRule:
     def threshold(self, stats: list[LinearStats]) -> float:
         parts = []
         if self.k is not None:
-            parts.append(self.k * statistics.median(s.max_in for s in stats))
+            parts.append(self.k * median_max_in(stats))
         if self.abs_threshold is not None:
             parts.append(self.abs_threshold)
         return min(parts)
