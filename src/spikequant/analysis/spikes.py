@@ -135,12 +135,12 @@ def collect_stats(
     return out
 
 
-@dataclass(frozen=True)
 def median_max_in(stats: list[LinearStats]) -> float:
     """The median over linears of their max |input|: the yardstick of the spike rule and the reports."""
     return statistics.median(s.max_in for s in stats)
 
 
+@dataclass(frozen=True)
 class SpikeRule:
     """A projection is a spike layer when its max |input| exceeds ``k`` x the median of the max |input|
     of all decoder linears, or exceeds ``abs_threshold`` (either condition suffices; leave one out with
