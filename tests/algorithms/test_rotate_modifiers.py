@@ -46,13 +46,13 @@ def test_presets_run(arch, preset):
 def test_rotation_lowers_w4a4_error_on_a_spiky_model():
     ref = tiny_model("llama", seed=2, dtype=torch.float64)
     with torch.no_grad():  # a residual-stream spike channel, as in real models
-        ref.model.embed_tokens.weight[:, 5] *= 40
+        ref.get_input_embeddings().weight[:, 5] *= 40
         target = ref(WINDOWS).logits
     errs = {}
     for preset in ("norot-w4a4kv4", "quarot-rtn-w4a4kv4"):
         model = tiny_model("llama", seed=2, dtype=torch.float64)
         with torch.no_grad():
-            model.model.embed_tokens.weight[:, 5] *= 40
+            model.get_input_embeddings().weight[:, 5] *= 40
         quantize(model, load_recipe(preset), WINDOWS, progress=False)
         with torch.no_grad():
             errs[preset] = float(((model(WINDOWS).logits - target) ** 2).mean())

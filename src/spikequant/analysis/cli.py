@@ -82,7 +82,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from spikequant.analysis.compare import FILES, resolve_recipes, row_of, run_compare
+    from spikequant.analysis.compare import FILES, fp_ppl, resolve_recipes, row_of, run_compare
     from spikequant.pipeline import Session
 
     recipes = resolve_recipes(args.recipes)
@@ -102,7 +102,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from spikequant.analysis.compare import COLUMNS
     from spikequant.reports import markdown_table
 
-    fp = next((r["ppl"] for r in reports if r["recipe"]["name"] == "fp"), None)
+    fp = fp_ppl(reports)
     print()
     print(markdown_table([row_of(r, fp) for r in reports], COLUMNS))
     print("\nwrote " + ", ".join(str(Path(args.output) / f) for f in FILES.values()))

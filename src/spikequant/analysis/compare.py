@@ -79,8 +79,13 @@ def _load_previous(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]
     return list(prev.get("results", []))
 
 
+def fp_ppl(reports: list[dict[str, Any]]) -> float | None:
+    """The perplexity of the run's ``fp`` recipe, the reference of the PPL / FP column (None without one)."""
+    return next((r["ppl"] for r in reports if r["recipe"]["name"] == "fp"), None)
+
+
 def write_outputs(out: Path, reports: list[dict[str, Any]], settings: dict[str, Any], pending: list[str]) -> None:
-    fp = next((r["ppl"] for r in reports if r["recipe"]["name"] == "fp"), None)
+    fp = fp_ppl(reports)
     rows = [row_of(r, fp) for r in reports]
     write_json({"settings": settings, "rows": rows, "pending": pending, "results": reports}, out / FILES["json"])
     title = (f"{settings['model']} on {settings['dataset']}:{settings['split']}, "
