@@ -30,15 +30,7 @@ COLUMNS = [
 def float_linear_share(qm: QuantizedModel | None) -> float | None:
     """Share of decoder-linear parameters in linears whose weights *or* inputs are not integer-quantized
     (stricter than ``high_precision_share``, which looks at the weights only)."""
-    if qm is None:
-        return None
-    total = kept = 0
-    for name, mq in qm.plan.items():
-        n = qm.model.get_submodule(name).weight.numel()
-        total += n
-        if any(s is None or s.format != "int" for s in (mq.weights, mq.inputs)):
-            kept += n
-    return kept / total if total else 0.0
+    return None if qm is None else qm.high_precision_share(("weights", "inputs"))
 
 
 def row_of(report: dict[str, Any], fp_ppl: float | None) -> dict[str, Any]:

@@ -83,13 +83,14 @@ class QuantizedModel:
             h.remove()
         self.handles.clear()
 
-    def high_precision_share(self) -> float:
-        """Share of decoder-linear parameters whose weights stay unquantized (or in FP8)."""
+    def high_precision_share(self, slots: tuple[str, ...] = ("weights",)) -> float:
+        """Share of decoder-linear parameters in linears where any of ``slots`` (default: the weights) is
+        not integer-quantized (float or FP8); ``("weights", "inputs")`` also counts float activations."""
         total = kept = 0
         for name, mq in self.plan.items():
             n = self.model.get_submodule(name).weight.numel()
             total += n
-            if mq.weights is None or mq.weights.format != "int":
+            if any(getattr(mq, slot) is None or getattr(mq, slot).format != "int" for slot in slots):
                 kept += n
         return kept / total if total else 0.0
 
