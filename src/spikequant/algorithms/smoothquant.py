@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from spikequant.algorithms.base import Modifier, QuantContext, register, require_positive_int
 from spikequant.models import decoder_layers, get_arch, model_dims
+from spikequant.models.forward import forward_windows
 
 
 @torch.inference_mode()
@@ -31,10 +31,8 @@ def channel_maxima(model: nn.Module, windows: torch.Tensor, paths: list[str], pr
                 stats[key] = a if key not in stats else torch.maximum(stats[key], a)
 
             handles.append(layer.get_submodule(path).register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
     try:
-        for w in tqdm(windows, desc="smoothquant statistics", disable=not progress, leave=False):
-            model(w.unsqueeze(0).to(device), use_cache=False)
+        forward_windows(model, windows, "smoothquant statistics", progress)
     finally:
         for h in handles:
             h.remove()

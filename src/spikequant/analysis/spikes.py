@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from spikequant.errors import SpikequantError
 from spikequant.models import decoder_linears, linear_role
+from spikequant.models.forward import forward_windows
 
 
 @dataclass
@@ -114,12 +114,9 @@ def collect_stats(
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
-    device = next(model.parameters()).device
     try:
-        for w_idx, w in enumerate(tqdm(windows, desc="collecting activation statistics", disable=not progress,
-                                       leave=False)):
-            current["w"] = w_idx
-            model(w.unsqueeze(0).to(device), use_cache=False)
+        forward_windows(model, windows, "collecting activation statistics", progress,
+                        before=lambda i: current.__setitem__("w", i))
     finally:
         for h in handles:
             h.remove()

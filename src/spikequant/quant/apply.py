@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from spikequant.models.forward import forward_windows
 from spikequant.quant.fake import compute_qparams, quantize_dequantize
 from spikequant.quant.observers import ActivationQuantizer
 from spikequant.quant.spec import QuantSpec
@@ -67,11 +67,9 @@ class QuantizedModel:
 
         Weights are already quantized, so the observers see the activations the deployed model sees.
         """
-        device = next(self.model.parameters()).device
         self.set_observing(True)
         try:
-            for w in tqdm(windows, desc="calibrating activation scales", disable=not progress, leave=False):
-                self.model(w.unsqueeze(0).to(device), use_cache=False)
+            forward_windows(self.model, windows, "calibrating activation scales", progress)
         finally:
             self.set_observing(False)
         for _, q in self.quantizers():
