@@ -40,8 +40,9 @@ def quantize(
     calibration: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> tuple[QuantizedModel, dict[str, Any]]:
-    """Apply ``recipe`` to ``model`` in place: modifiers, weight quantization, activation hooks, and
-    calibration of static scales. ``calibration`` is a (N, seqlen) tensor of token ids or a function
+    """Apply ``recipe`` to ``model`` in place, stage by stage (see :mod:`spikequant.algorithms.base`):
+    transforms, weight algorithms, attaching the quantization state, calibration of static scales, and
+    algorithms on the quantized model. ``calibration`` is a (N, seqlen) tensor of token ids or a function
     returning one (called only if something needs it). Returns the handle and the modifiers' findings."""
 
     def calib() -> torch.Tensor:
@@ -50,14 +51,21 @@ def quantize(
         return calibration() if callable(calibration) else calibration
 
     ctx = QuantContext(model=model, calibration_windows=calib, seed=recipe.seed, progress=progress)
-    ctx.plan = lambda: build_plan(model, recipe, ctx.overrides)
-    for modifier in recipe.modifiers:
-        modifier.apply(ctx)
-    plan = build_plan(model, recipe, ctx.overrides)
-    qm = attach(model, plan, skip_weights=ctx.quantized_weights)
-    qm.weight_qparams.update(ctx.quantized_weights)
+
+    def run_stage(stage: str) -> None:
+        for modifier in recipe.modifiers:
+            if modifier.stage == stage:
+                modifier.apply(ctx)
+
+    run_stage("transform")
+    ctx.plan = build_plan(model, recipe, ctx.overrides)
+    run_stage("weights")
+    qm = attach(model, ctx.plan)
+    ctx.qm = qm
+    run_stage("attach")
     if qm.needs_calibration:
         qm.calibrate(calib(), progress=progress)
+    run_stage("quantized")
     return qm, ctx.findings
 
 
