@@ -20,6 +20,7 @@ import torch
 from common import model_data_args
 from spikequant.pipeline import Session
 from spikequant.recipes import Recipe, load_recipe
+from spikequant.reports import result_row
 
 
 def with_expansion(recipe: Recipe, expand: dict[str, int]) -> Recipe:
@@ -71,8 +72,7 @@ def main() -> int:
     for r in recipes:
         rep, _ = session.run(r)
         rot = ((rep.get("quantization") or {}).get("findings") or {}).get("rotation") or {}
-        row = {"recipe": r.name, "ppl": rep["ppl"], "kl": rep["kl"], "top1": rep["top1"],
-               "quantize_s": rep["timings"]["quantize_s"], "eval_s": rep["timings"]["eval_s"],
+        row = {**result_row(rep), "quantize_s": rep["timings"]["quantize_s"], "eval_s": rep["timings"]["eval_s"],
                "hidden": rot.get("hidden"), "mlp": rot.get("mlp"), "expansion": rot.get("expansion")}
         rows.append(row)
         kl, top1 = ("-", "-") if row["kl"] is None else (f"{row['kl']:.3f}", f"{row['top1']:.3f}")

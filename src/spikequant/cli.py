@@ -56,9 +56,9 @@ def _session(args: argparse.Namespace):
 
 
 def _print_table(reports: list[dict]) -> None:
-    from spikequant.reports import markdown_table, result_row
+    from spikequant.reports import markdown_table, result_row, table_columns
 
-    print(markdown_table([result_row(r) for r in reports]))
+    print(markdown_table([result_row(r) for r in reports], table_columns(reports)))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

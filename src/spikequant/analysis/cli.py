@@ -82,8 +82,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from spikequant.analysis.compare import FILES, fp_ppl, resolve_recipes, row_of, run_compare
+    from spikequant.analysis.compare import FILES, fp_ppl, resolve_recipes, run_compare
     from spikequant.pipeline import Session
+    from spikequant.reports import markdown_table, result_row, table_columns
 
     recipes = resolve_recipes(args.recipes)
     _positive(args.seqlen, "--seqlen")
@@ -93,18 +94,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
 
     def show(rep: dict) -> None:
-        r = row_of(rep, None)
+        r = result_row(rep)
         hp = "" if r["hp_share"] is None else f", {100 * r['hp_share']:.2f}% high precision"
         kl = "" if r["kl"] is None else f", KL {r['kl']:.4f}, top-1 {r['top1']:.4f}"
         print(f"{r['recipe']:34s} PPL {r['ppl']:9.4g}{kl}{hp} ({r['wall_s']:.0f} s)", flush=True)
 
     reports = run_compare(session, recipes, args.output, args.resume, args.overwrite, show)
-    from spikequant.analysis.compare import COLUMNS
-    from spikequant.reports import markdown_table
-
     fp = fp_ppl(reports)
     print()
-    print(markdown_table([row_of(r, fp) for r in reports], COLUMNS))
+    print(markdown_table([result_row(r, fp) for r in reports], table_columns(reports, compare=True)))
     print("\nwrote " + ", ".join(str(Path(args.output) / f) for f in FILES.values()))
     return 0
 
