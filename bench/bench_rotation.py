@@ -48,7 +48,6 @@ def main() -> int:
     ap.add_argument("--only-expanded", action="store_true", help="run only the expanded variants")
     ap.add_argument("--no-kl", action="store_true", help="skip the FP reference pass (PPL only)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
 
     recipes = []

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from spikequant.errors import RecipeError
+from spikequant.errors import RecipeError, check_keys
 from spikequant.quant.spec import QuantSpec
 
 
@@ -62,10 +62,7 @@ class Modifier:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> Modifier:
-        allowed = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        for key in data:
-            if key not in allowed:
-                raise RecipeError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+        check_keys(data, {f.name for f in fields(cls)}, where)  # type: ignore[arg-type]
         try:
             return cls(**data)
         except (TypeError, ValueError) as e:

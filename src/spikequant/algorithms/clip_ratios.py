@@ -27,12 +27,13 @@ import yaml
 from spikequant.algorithms.base import Modifier, QuantContext, register
 from spikequant.errors import RecipeError
 from spikequant.models import decoder_layers, linear_role
+from spikequant.models.arch import ROLES
 from spikequant.quant import ActivationQuantizer, QuantizedModel
 from spikequant.transforms import installed_attention_transforms
 
 QUANTIZER_KEYS = ("q_proj", "k_proj", "v_proj", "k_cache", "o_proj", "gate_proj", "up_proj", "down_proj")
 KEYS = (*QUANTIZER_KEYS, "v_cache")
-LINEAR_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_KEYS = ROLES
 
 Ratios = dict[int, dict[str, float]]
 

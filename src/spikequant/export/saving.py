@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 from spikequant.errors import ModelLoadError
 from spikequant.models import LoadedModel, load_model
 from spikequant.quant import ModuleQuant, QuantizedModel, QuantSpec, attach, set_weight_qparams
+from spikequant.quant.apply import SLOTS
 from spikequant.quant.observers import STATE_KEYS
 from spikequant.recipes import Recipe
 from spikequant.transforms import expanded_config, original_sizes, restore_transforms, transform_state
 
-SLOTS = ("weights", "inputs", "outputs")
 MANIFEST = "spikequant.json"
 QPARAMS = "quantization.safetensors"
 FORMAT_VERSION = 1

@@ -12,6 +12,9 @@ from torch import nn
 
 from spikequant.errors import UnsupportedArchitectureError
 
+# The seven decoder linears by role, in forward order (every family here names its modules by these roles).
+ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -71,15 +74,7 @@ class ArchSpec:
     @property
     def linear_roles(self) -> dict[str, str]:
         """Role name -> path (relative to a layer) of the seven decoder linears, in forward order."""
-        return {
-            "q_proj": self.q_proj,
-            "k_proj": self.k_proj,
-            "v_proj": self.v_proj,
-            "o_proj": self.o_proj,
-            "gate_proj": self.gate_proj,
-            "up_proj": self.up_proj,
-            "down_proj": self.down_proj,
-        }
+        return {role: getattr(self, role) for role in ROLES}
 
     @property
     def norm_consumers(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
