@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spikequant.algorithms.base import Modifier, QuantContext, register
+from spikequant.algorithms.base import Modifier, QuantContext, register, require_positive_int
 from spikequant.errors import RecipeError
 from spikequant.models import decoder_layers, get_arch
 from spikequant.quant.fake import int_qdq, int_qparams
@@ -277,8 +277,10 @@ class GPTQ(Modifier):
     def __post_init__(self) -> None:
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp must be in [0, 1), got {self.damp}")
-        if self.block_size < 1 or self.batch_size < 1:
-            raise ValueError("block_size and batch_size must be >= 1")
+        require_positive_int(self.block_size, "block_size")
+        require_positive_int(self.batch_size, "batch_size")
+        if self.num_samples is not None:
+            require_positive_int(self.num_samples, "num_samples")
 
     def apply(self, ctx: QuantContext) -> None:
         assert ctx.plan is not None, "the pipeline sets QuantContext.plan"
