@@ -28,7 +28,8 @@ def _hand_scales(model, ids, alpha):
         def wmax(*paths, layer=layer):
             return torch.stack([layer.get_submodule(p).weight.detach().abs().amax(0) for p in paths]).amax(0)
 
-        out[i, "attn"] = acts[i, "attn"] ** alpha / wmax("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") ** (1 - alpha)
+        w_qkv = wmax("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        out[i, "attn"] = acts[i, "attn"] ** alpha / w_qkv ** (1 - alpha)
         out[i, "mlp"] = acts[i, "mlp"] ** alpha / wmax("mlp.gate_proj", "mlp.up_proj") ** (1 - alpha)
         out[i, "down"] = acts[i, "down"] ** alpha / wmax("mlp.down_proj") ** (1 - alpha)
         a_o = acts[i, "o"].view(kv, group, -1).amax(1)
