@@ -89,7 +89,7 @@ def tiny_session(monkeypatch):
      "gptq): num_samples must be a positive integer, got -4"),
     ("modifiers: [{type: kv_cache, bits: 4, k_group: 7}]",
      "kv_cache: k_group 7 does not divide the 24 values per token of the K/V cache (2 KV heads x head_dim 12)"),
-])
+], ids=["weight-group", "gptq-weight-group", "input-group", "gptq-samples-0", "gptq-samples-neg", "kv-group"])
 def test_bad_group_size_or_sample_count_is_exit_2_naming_value_and_layer(tmp_path, capsys, tiny_session,
                                                                          recipe, needle):
     """Before: a traceback from the middle of the forward (ValueError in fake.py) or of GPTQ (AssertionError)."""

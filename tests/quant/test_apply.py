@@ -115,7 +115,7 @@ def test_static_scale_is_calibration_absmax_over_qmax():
      "model.layers.0.self_attn.k_proj.outputs: group_size 16 does not divide its width 24"),
     ({"weights": {"bits": 4, "granularity": "group", "group_size": 32}, "modifiers": [{"type": "gptq"}]},
      "model.layers.0.self_attn.q_proj.weights: group_size 32 does not divide its width 48"),
-])
+], ids=["weights", "inputs", "down-proj-width", "outputs", "gptq"])
 def test_group_size_that_does_not_divide_a_layer_fails_at_plan_time(recipe, needle):
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
