@@ -14,6 +14,7 @@ from torch import nn
 
 from spikequant.algorithms.base import QuantContext
 from spikequant.data import Text, calibration_windows, eval_windows, load_text, tokenize
+from spikequant.errors import RecipeError
 from spikequant.eval import EvalContext, PerplexityEvaluator, reference_logprobs, run_evaluators
 from spikequant.models import DEFAULT_MODEL, LoadedModel, decoder_linears, get_arch, load_model
 from spikequant.quant import ModuleQuant, QuantizedModel, attach, resolve_plan
@@ -31,7 +32,22 @@ def build_plan(model: nn.Module, recipe: Recipe, extra_overrides=()) -> dict[str
         targets += [n for n in decoder] if t == DECODER_LINEARS else [t]
     names = decoder + [n for n in all_linears if n not in set(decoder)]
     overrides = [(list(o.match), dict(o.slots)) for o in recipe.overrides] + list(extra_overrides)
-    return resolve_plan(names, targets, ModuleQuant(recipe.weights, recipe.inputs, recipe.outputs), overrides)
+    plan = resolve_plan(names, targets, ModuleQuant(recipe.weights, recipe.inputs, recipe.outputs), overrides)
+    check_plan(model, plan)
+    return plan
+
+
+def check_plan(model: nn.Module, plan: dict[str, ModuleQuant]) -> None:
+    """Fail before anything runs (one line naming the module) where a group size does not divide the
+    width it groups: in_features for the weights and inputs, out_features for the outputs."""
+    for name, mq in plan.items():
+        linear = model.get_submodule(name)
+        for slot, width in (("weights", linear.in_features), ("inputs", linear.in_features),
+                            ("outputs", linear.out_features)):
+            spec = getattr(mq, slot)
+            if spec is not None and spec.granularity == "group" and width % spec.group_size:
+                raise RecipeError(f"{name}.{slot}: group_size {spec.group_size} does not divide its width "
+                                  f"{width}; use a divisor of {width} or an override for this module")
 
 
 def quantize(

@@ -87,3 +87,50 @@ def test_a_hessian_that_cannot_be_factorized_is_a_one_line_recipe_error():
     w, _ = _data()
     with pytest.raises(RecipeError, match="not positive definite with damp=0.0; raise damp"):
         gptq_quantize(w, -torch.eye(w.shape[1]), QuantSpec(bits=4, granularity="channel"), damp=0.0)
+
+
+@pytest.mark.parametrize("key,value", [("num_samples", 0), ("num_samples", -4), ("num_samples", 2.5),
+                                       ("block_size", 0), ("batch_size", -1)])
+def test_bad_gptq_parameters_are_one_line_recipe_errors(key, value):
+    """Before: num_samples 0 or -4 (with 4 windows) left no window and ended in an AssertionError
+    traceback mid-run; a negative value silently dropped windows from the end."""
+    from spikequant.errors import RecipeError
+    from spikequant.recipes import load_recipe
+
+    with pytest.raises(RecipeError, match=rf"modifiers\[0\] \(gptq\): {key} must be a positive integer, got {value}$"):
+        load_recipe({"name": "x", "weights": {"bits": 4, "granularity": "channel"},
+                     "modifiers": [{"type": "gptq", key: value}]})
+
+
+@pytest.mark.parametrize("weights", [
+    {"bits": 4, "granularity": "channel"},
+    {"bits": 3, "symmetric": False, "granularity": "channel"},
+    {"bits": 4, "granularity": "group", "group_size": 16},
+    {"bits": 4, "symmetric": False, "granularity": "group", "group_size": 16},
+], ids=["w4-channel", "w3-asym-channel", "w4-g16", "w4-asym-g16"])
+def test_recorded_scale_and_zero_dequantize_the_integer_grid_to_the_weights(weights):
+    """What the pipeline records (and export saves) for a GPTQ weight: W / scale (+ zero) is an integer
+    in the format's range, and (that integer - zero) * scale gives back the model's weight bit for bit."""
+    from spikequant.pipeline import quantize
+    from spikequant.recipes import load_recipe
+
+    model = tiny_model("qwen2", seed=1)
+    windows = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    recipe = load_recipe({"name": "g", "weights": weights, "modifiers": [{"type": "gptq", "num_samples": 4}]})
+    qm, findings = quantize(model, recipe, windows, progress=False)
+    assert findings["gptq"]["linears"] == 14 and set(qm.weight_qparams) == set(qm.plan)
+    bits, sym = weights["bits"], weights.get("symmetric", True)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
+    for name, p in qm.weight_qparams.items():
+        w = model.get_submodule(name).weight.detach()
+        wv = w.unflatten(-1, (-1, 16)) if "group_size" in weights else w
+        scale, zero = p["scale"], p.get("zero", torch.zeros(()))
+        assert ("zero" in p) == (not sym)
+        assert scale.shape == wv.shape[:-1] + (1,)
+        grid = wv / scale + zero
+        ints = grid.round()
+        assert (grid - ints).abs().max() < 1e-3, name
+        assert lo <= ints.min() and ints.max() <= hi, name
+        assert (ints.amax(-1) > ints.amin(-1)).all()  # not a degenerate all-equal grid
+        deq = (ints - zero) * scale
+        assert torch.equal(deq.flatten(-2) if "group_size" in weights else deq, w), name

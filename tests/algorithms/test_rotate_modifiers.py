@@ -12,6 +12,7 @@ from spikequant.algorithms.clip_ratios import (
     set_clip_ratio,
 )
 from spikequant.errors import RecipeError
+from spikequant.models import model_dims
 from spikequant.models.tiny import TINY_ARCHS, tiny_model
 from spikequant.pipeline import quantize
 from spikequant.recipes import load_recipe
@@ -29,18 +30,54 @@ def _run(arch, recipe, **kw):
     return model, qm, findings, logits
 
 
+def _kv_reference(states, bits, clip, group):
+    """Plain asymmetric b-bit quantization of (batch, heads, seq, head_dim) states, one scale and zero per
+    token and run of ``group`` values along heads x head_dim, range clipped by ``clip``."""
+    b, h, t, d = states.shape
+    x = states.transpose(1, 2).reshape(b, t, h * d).unflatten(-1, (-1, group))
+    lo = x.amin(-1, keepdim=True).clamp(max=0) * clip
+    hi = x.amax(-1, keepdim=True).clamp(min=0) * clip
+    s = (hi - lo) / (2**bits - 1)
+    z = torch.round(-lo / s)
+    q = (torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1) - z) * s
+    return q.flatten(-2).reshape(b, t, h, d).transpose(1, 2)
+
+
 @pytest.mark.parametrize("arch,preset", [(a, p) for a in TINY_ARCHS for p in ROT_PRESETS
                                          if "rtn" in p or "rot-" in p or a == "qwen2"])
 def test_presets_run(arch, preset):
     recipe = load_recipe(preset)
     model, qm, findings, logits = _run(arch, recipe)
-    assert torch.isfinite(logits).all()
-    assert installed_attention_transforms(model)[0].k_quantizer is not None
+    r1 = (findings.get("rotation", {}).get("r1") or "none")
+    assert r1 == {"quarot": "hadamard", "random": "random", "norot": "none"}[preset.split("-")[0]]
+    # R1 read back from the embedding (E' = E R1; the embedding is neither fused nor quantized)
+    e0 = tiny_model(arch, seed=2).get_input_embeddings().weight.detach().double()
+    e1 = model.get_input_embeddings().weight.detach().double()
+    if r1 == "none":
+        assert torch.equal(e1, e0)
+    else:
+        rot = torch.linalg.lstsq(e0, e1).solution  # (hidden, expanded hidden)
+        n = rot.shape[1]
+        assert torch.allclose(rot @ rot.T, torch.eye(rot.shape[0], dtype=rot.dtype), atol=1e-4)
+        if r1 == "hadamard":  # a randomized Hadamard matrix: every entry is +-1/sqrt(n)
+            assert torch.allclose(rot.abs(), torch.full_like(rot, n**-0.5), atol=1e-4)
+        else:  # Haar: entries of every size
+            assert rot.abs().std() > 0.2 * n**-0.5
+    # KV cache: the installed quantizers equal a plain per-(token, head) asymmetric reference
+    kv = next(m for m in recipe.to_dict()["modifiers"] if m["type"] == "kv_cache")
+    hd = model_dims(model).head_dim
+    states = torch.randn(2, model_dims(model).num_kv_heads, 5, hd, generator=torch.Generator().manual_seed(1))
+    for t in installed_attention_transforms(model):
+        for q in (t.k_quantizer, t.v_quantizer):
+            assert torch.allclose(q(states), _kv_reference(states, kv["bits"], 1.0, hd), atol=1e-6)
+    # the KV quantizers are on the forward path
+    for t in installed_attention_transforms(model):
+        t.k_quantizer.enabled = t.v_quantizer.enabled = False
+    with torch.no_grad():
+        assert (model(WINDOWS[:1]).logits - logits).abs().max() > 1e-4
     if preset.startswith("quarot-w"):
         assert findings["gptq"]["linears"] == 7 * 2
         assert not qm.weight_qparams.keys() - set(qm.plan)  # GPTQ's qparams recorded, RTN skipped
-    assert (findings.get("rotation", {}).get("r1") or "none") == {
-        "quarot": "hadamard", "random": "random", "norot": "none"}[preset.split("-")[0]]
 
 
 def test_rotation_lowers_w4a4_error_on_a_spiky_model():
@@ -67,9 +104,22 @@ def test_clip_ratios_are_addressable_and_cheap_to_change(tmp_path):
             assert (layer, key) in index
     set_clip_ratio(qm, 1, "o_proj", 0.3)
     set_clip_ratio(qm, 0, "v_proj", 0.5)  # also clips the V cache
+    o_proj = model.get_submodule("model.layers.1.self_attn.o_proj")
+    seen = {}
+    hooks = [o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("raw", a[0]), prepend=True),
+             o_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("q", a[0]))]
     with torch.no_grad():
-        after = model(WINDOWS[:1]).logits
-    assert not torch.equal(before, after)
+        model(WINDOWS[:1])
+    for h in hooks:
+        h.remove()
+    # the next forward quantizes o_proj's input per token, 4 bits, with its range clipped to 0.3
+    s = 0.3 * seen["raw"].abs().amax(-1, keepdim=True) / 7
+    assert torch.allclose(seen["q"], torch.clamp(torch.round(seen["raw"] / s), -8, 7) * s, atol=1e-6)
+    hd = model_dims(model).head_dim
+    states = torch.randn(1, model_dims(model).num_kv_heads, 5, hd, generator=torch.Generator().manual_seed(1))
+    v0, v1 = (installed_attention_transforms(model)[i].v_quantizer for i in (0, 1))
+    assert torch.allclose(v0(states), _kv_reference(states, 4, 0.5, hd), atol=1e-6)
+    assert torch.allclose(v1(states), _kv_reference(states, 4, 1.0, hd), atol=1e-6)
     r = clip_ratios(qm)
     assert r[1]["o_proj"] == 0.3 and r[0]["v_proj"] == 0.5 and "v_cache" not in r[0]
     assert installed_attention_transforms(model)[0].v_quantizer.spec.clip_ratio == 0.5

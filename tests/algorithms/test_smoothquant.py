@@ -8,15 +8,76 @@ from spikequant.pipeline import quantize
 from spikequant.recipes import load_recipe
 
 
-def test_folding_leaves_fp64_logits_unchanged(arch):
+def _hand_scales(model, ids, alpha):
+    """SmoothQuant's s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha), from the unsmoothed model, per group of
+    linears that read one input: q/k/v, gate/up, down, and o_proj per KV channel (max over the query
+    heads that share it)."""
+    cfg = model.config
+    kv, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    readers = {"attn": "self_attn.q_proj", "mlp": "mlp.gate_proj", "down": "mlp.down_proj", "o": "self_attn.o_proj"}
+    acts = {}
+    handles = [layer.get_submodule(path).register_forward_pre_hook(
+        lambda m, a, key=(i, k): acts.__setitem__(key, a[0].abs().flatten(0, -2).amax(0)))
+        for i, layer in enumerate(model.model.layers) for k, path in readers.items()]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        def wmax(*paths, layer=layer):
+            return torch.stack([layer.get_submodule(p).weight.detach().abs().amax(0) for p in paths]).amax(0)
+
+        w_qkv = wmax("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        out[i, "attn"] = acts[i, "attn"] ** alpha / w_qkv ** (1 - alpha)
+        out[i, "mlp"] = acts[i, "mlp"] ** alpha / wmax("mlp.gate_proj", "mlp.up_proj") ** (1 - alpha)
+        out[i, "down"] = acts[i, "down"] ** alpha / wmax("mlp.down_proj") ** (1 - alpha)
+        a_o = acts[i, "o"].view(kv, group, -1).amax(1)
+        w_o = wmax("self_attn.o_proj").view(kv, group, -1).amax(1)
+        out[i, "o"] = (a_o ** alpha / w_o ** (1 - alpha)).flatten()  # one scale per v_proj output row
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+def test_folded_scales_match_the_formula_and_fp64_logits_are_unchanged(arch, alpha):
     model = tiny_model(arch, dtype=torch.float64)
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-    before = model(ids).logits
-    w_before = model.model.layers[0].mlp.down_proj.weight.clone()
-    report = smooth_model(model, ids[:1], alpha=0.5, progress=False)
-    assert max(report.values()) != 1.0
-    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, w_before)  # something moved
-    assert (model(ids).logits - before).abs().max() <= 1e-9
+    with torch.no_grad():
+        before = model(ids).logits
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    want = _hand_scales(model, ids[:1], alpha)
+    report = smooth_model(model, ids[:1], alpha=alpha, progress=False)
+    new = model.state_dict()
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+
+    def close(a, b):
+        return torch.allclose(a, b, rtol=1e-5, atol=0)  # the scales are computed in float32
+
+    for i in range(model.config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        s = want[i, "attn"]
+        assert close(new[p + "input_layernorm.weight"], old[p + "input_layernorm.weight"] / s)
+        for lin in ("q_proj", "k_proj"):
+            assert close(new[f"{p}self_attn.{lin}.weight"], old[f"{p}self_attn.{lin}.weight"] * s[None])
+        s = want[i, "mlp"]
+        assert close(new[p + "post_attention_layernorm.weight"], old[p + "post_attention_layernorm.weight"] / s)
+        assert close(new[p + "mlp.gate_proj.weight"], old[p + "mlp.gate_proj.weight"] * s[None])
+        s_down = want[i, "down"]
+        assert close(new[p + "mlp.up_proj.weight"], old[p + "mlp.up_proj.weight"] * s[None] / s_down[:, None])
+        assert close(new[p + "mlp.down_proj.weight"], old[p + "mlp.down_proj.weight"] * s_down[None])
+        s_o = want[i, "o"]
+        # v_proj: its input columns carry the q/k/v scale, its output rows are divided by the o_proj scale
+        assert close(new[p + "self_attn.v_proj.weight"],
+                     old[p + "self_attn.v_proj.weight"] * want[i, "attn"][None] / s_o[:, None])
+        if p + "self_attn.v_proj.bias" in old:
+            assert close(new[p + "self_attn.v_proj.bias"], old[p + "self_attn.v_proj.bias"] / s_o)
+        o_cols = s_o.view(model.config.num_key_value_heads, 1, -1).expand(-1, group, -1).flatten()
+        assert close(new[p + "self_attn.o_proj.weight"], old[p + "self_attn.o_proj.weight"] * o_cols[None])
+        for key, s in (("input_layernorm", want[i, "attn"]), ("post_attention_layernorm", want[i, "mlp"]),
+                       ("mlp.down_proj", s_down), ("self_attn.o_proj", s_o)):
+            assert report[f"{i}.{key}"] == pytest.approx(float(s.max()), rel=1e-5)
+    with torch.no_grad():
+        assert (model(ids).logits - before).abs().max() <= 1e-9
 
 
 def test_smoothing_flattens_an_activation_outlier():

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spikequant.algorithms.base import Modifier, QuantContext, register
+from spikequant.algorithms.base import Modifier, QuantContext, register, require_positive_int
 from spikequant.errors import RecipeError
 from spikequant.models import get_arch
 from spikequant.models.runner import LayerInputs, run_layers, stopped, stopping_at
@@ -225,8 +225,10 @@ class GPTQ(Modifier):
     def __post_init__(self) -> None:
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp must be in [0, 1), got {self.damp}")
-        if self.block_size < 1 or self.batch_size < 1:
-            raise ValueError("block_size and batch_size must be >= 1")
+        require_positive_int(self.block_size, "block_size")
+        require_positive_int(self.batch_size, "batch_size")
+        if self.num_samples is not None:
+            require_positive_int(self.num_samples, "num_samples")
 
     def apply(self, ctx: QuantContext) -> None:
         assert ctx.plan is not None, "the pipeline sets QuantContext.plan"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from spikequant.algorithms.base import Modifier, QuantContext, register
+from spikequant.errors import RecipeError
 from spikequant.models import model_dims
 from spikequant.quant.spec import QuantSpec
 from spikequant.transforms import RotationConfig, install_kv_quantizers, rotate_model
@@ -91,7 +92,12 @@ class KVCache(Modifier):
     def apply(self, ctx: QuantContext) -> None:
         if self.bits is None:
             return
-        hd = model_dims(ctx.model).head_dim
+        dims = model_dims(ctx.model)
+        hd, width = dims.head_dim, dims.num_kv_heads * dims.head_dim
+        for name, g in (("k_group", self.k_group), ("v_group", self.v_group)):
+            if isinstance(g, int) and width % g:
+                raise RecipeError(f"kv_cache: {name} {g} does not divide the {width} values per token of the "
+                                  f"K/V cache ({dims.num_kv_heads} KV heads x head_dim {hd}) in every layer")
         k = kv_spec(self.bits, self.symmetric, self.k_group, self.k_clip, hd)
         v = kv_spec(self.bits, self.symmetric, self.v_group, self.v_clip, hd)
         install_kv_quantizers(ctx.model, k, v)
