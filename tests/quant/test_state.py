@@ -86,3 +86,13 @@ def test_clip_ratios_modifier_on_static_recipe_matches_setting_it_by_hand():
     set_clip_ratio(qm, 1, "o_proj", 0.3)
     with torch.no_grad():
         assert torch.equal(by_recipe(WINDOWS).logits, by_hand(WINDOWS).logits)
+
+
+def test_static_quantized_model_runs_with_autograd_on():
+    """Scales made during calibration are ordinary tensors: a forward with gradients (e.g. a later
+    fine-tuning or a gradient-based search) works."""
+    model = tiny_model("llama", seed=1)
+    quantize(model, load_recipe("w8a8-tensor-static"), WINDOWS, progress=False)
+    model.get_submodule("model.embed_tokens").weight.requires_grad_(True)
+    model(WINDOWS).logits.sum().backward()
+    assert model.get_submodule("model.embed_tokens").weight.grad is not None

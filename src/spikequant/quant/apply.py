@@ -134,7 +134,7 @@ class QuantizedModel:
             if q.needs_calibration:
                 q.observing = flag
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the scales must stay usable in a forward with autograd on
     def calibrate(self, windows: torch.Tensor, progress: bool = True) -> None:
         """Run calibration windows through the model and freeze the static activation quantizers.
 
