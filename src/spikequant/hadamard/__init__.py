@@ -1,7 +1,10 @@
-"""Hadamard matrices of every constructible order (Sylvester, Paley I/II over GF(p^k), Kronecker products)
-and fast transforms; see docs/hadamard.md."""
+"""Hadamard matrices of every constructible order (Sylvester, Paley I/II over GF(p^k), stored orders 156, 172
+and 428 from published sequences, Kronecker products) and fast transforms; see docs/hadamard.md."""
 
 from spikequant.hadamard.constructions import (
+    alternatives,
+    factor_matrix,
+    previous_plan,
     FAST_FACTOR,
     HadamardPlan,
     NoHadamardError,
@@ -25,7 +28,7 @@ from spikequant.hadamard.random import (
 from spikequant.hadamard.transform import HadamardTransform, fwht, hadamard_transform, kronecker_reference
 
 __all__ = [
-    "FAST_FACTOR", "MODEL_DIMS", "Coverage", "GaloisField", "HadamardPlan", "HadamardTransform",
+    "FAST_FACTOR", "MODEL_DIMS", "alternatives", "factor_matrix", "previous_plan", "Coverage", "GaloisField", "HadamardPlan", "HadamardTransform",
     "NoHadamardError", "RandomizedHadamard", "coverage", "coverage_table", "dense_factor_matrix", "fwht",
     "hadamard_matrix", "hadamard_transform", "is_constructible", "kronecker_reference", "next_constructible",
     "paley_matrix", "plan", "random_hadamard_matrix", "random_orthogonal_matrix", "random_signs",

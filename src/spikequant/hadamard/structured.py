@@ -20,10 +20,13 @@ import math
 
 import torch
 
-from spikequant.hadamard.constructions import jacobsthal, paley_rule
+from spikequant.hadamard.constructions import PASS_COST, jacobsthal, paley_rule
 from spikequant.hadamard.fields import prime_power
 
 MIN_ORDER = 128  # below this the extra passes cost more than the multiply-adds saved
+# Passes over the data in PaleyOneFactor.__call__: the Fourier matmul, the batched block product, the matmul
+# back, and the two elementwise updates (the first column's sums are small next to them).
+PASSES = 5
 
 
 def _macs(p: int, r: int) -> float:
@@ -48,6 +51,15 @@ def real_fourier_basis(p: int) -> torch.Tensor:
         rows += [math.sqrt(2 / p) * torch.cos(2 * math.pi * f * j / p),
                  math.sqrt(2 / p) * torch.sin(2 * math.pi * f * j / p)]
     return torch.stack(rows)
+
+
+def structured_cost(order: int) -> float | None:
+    """Modelled online cost per element (multiply-add equivalents, as ``constructions.plan_cost``) of this
+    product, or None where it does not apply."""
+    if not applies(order):
+        return None
+    p = prime_power(order - 1)[0]  # type: ignore[index]
+    return PASSES * PASS_COST + _macs(p, (order - 1) // p)
 
 
 class PaleyOneFactor:
