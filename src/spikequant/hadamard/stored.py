@@ -28,7 +28,7 @@ is checked on the way, and the final matrix exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -65,7 +65,9 @@ def is_hadamard(h: np.ndarray) -> bool:
     """H·Hᵀ = n·I exactly (int64) and every entry ±1."""
     h = np.asarray(h, dtype=np.int64)
     n = h.shape[0]
-    return h.shape == (n, n) and bool(np.all(np.abs(h) == 1)) and np.array_equal(h @ h.T, n * np.eye(n, dtype=np.int64))
+    if h.shape != (n, n) or not np.all(np.abs(h) == 1):
+        return False
+    return bool(np.array_equal(h @ h.T, n * np.eye(n, dtype=np.int64)))
 
 
 # -- 172: Williamson, order 43 --------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ STORED: dict[int, StoredOrder] = {
 _BUILDERS = {156: baumert_hall_156, 172: williamson_172, 428: goethals_seidel_428}
 
 
-@lru_cache(maxsize=None)
+@cache
 def stored_matrix(order: int) -> np.ndarray:
     """The ±1 Hadamard matrix of a stored order (int8, read-only), checked exactly when it is built."""
     if order not in _BUILDERS:
