@@ -37,8 +37,8 @@ from spikequant.hadamard.stored import STORED, stored_matrix
 FAST_FACTOR = 1024
 # Cost model of the planner, in multiply-add equivalents per element: one pass over the data (a GEMM or a
 # batched matmul on one grid axis, or an elementwise op) costs PASS_COST on top of its multiply-adds; the
-# Sylvester factor goes in blocks of at most SYLVESTER_BLOCK. See docs/hadamard.md for how PASS_COST was
-# measured; the plans of the sizes in the coverage table do not change for any PASS_COST in [8, 64].
+# Sylvester factor goes in blocks of at most SYLVESTER_BLOCK. PASS_COST is a rough setting, not a fit: the
+# plans it picks were timed against their alternatives (bench/bench_hadamard_plans.py, docs/hadamard.md).
 PASS_COST = 32
 SYLVESTER_BLOCK = 16
 # A GEMM whose inner dimension is below this runs at the speed of one this wide (the transform widens a lone
