@@ -66,7 +66,7 @@ class Coverage:
 
     @property
     def cell(self) -> str:
-        """Short markdown for a table cell: '11008 = 344·2^5' or '13696: none, expand +64 -> 13760'."""
+        """Short markdown for a table cell: '11008 = 172·2^6' or '3776: none, expand +64 -> 3840'."""
         if self.plan is not None:
             p = self.plan
             return f"{self.n} = 2^{p.k}" if p.m == 1 else f"{self.n} = {p.m}·2^{p.k}"

@@ -7,7 +7,7 @@ of r x r. The orthonormal real Fourier basis T of Z_p (rows 1, cos f, sin f for 
 block-diagonalizes it, (T ⊗ I_r)·Q·(T ⊗ I_r)ᵀ = diag(D_0, D_1, ..., D_h) with D_0 r x r and D_f 2r x 2r, so
     z·Qᵀ = ((T applied to the blocks of z) · blockdiag(D)) with Tᵀ applied back,
 costing about 2(p + 1) + 2r multiply-adds per element instead of q (frequency 0 is padded to a 2r block so
-that one batched matmul does all blocks). For q = 343 = 7³ (order 344, the dense factor of 11008) that is
+that one batched matmul does all blocks). For q = 343 = 7³ (order 344, the previous dense factor of 11008) that is
 128 instead of 343.
 
 The blocks are computed numerically in float64 from the exact Q and checked to be block-diagonal, so the

@@ -6,15 +6,15 @@
 
 How it is computed (see docs/hadamard.md and docs/benchmarks.md for measurements): every factor is a
 matmul with a small block. The last axis is contiguous, so its factor is one GEMM over all rows; the
-Paley factors are used as they are, and the Sylvester factor is split into Sylvester blocks
+base factors (Paley or stored) are used as they are, and the Sylvester factor is split into Sylvester blocks
 (H_{2^k} = H_{2^a} ⊗ H_{2^b} ⊗ ...), each a batched matmul on its axis. A radix-2 butterfly pass costs one
 add per element but a full read and write of the tensor; a 16 x 16 block does four such stages in one
 pass, which is faster on CPU. A dense factor narrower than 32 absorbs factors H_2 (H_2 ⊗ H_12 is a 24 x 24
 block) because a GEMM with a tiny inner dimension is inefficient. Single-threaded, rows go through in
 chunks of about 1 MB so that the stages after the first read from cache, and a large Paley I factor over
-GF(p^k), k >= 2 (344 = 7³ + 1, the factor of 11008), uses the block-circulant structure of its Jacobsthal
+GF(p^k), k >= 2 (e.g. 1332 = 11³ + 1, the factor of 2664), uses the block-circulant structure of its Jacobsthal
 matrix (``structured.py``) instead of the GEMM. Cost: n·m plus n·(sum of the Sylvester blocks)
-multiply-adds per vector (n·128 instead of n·344 for that factor), against n² for a dense matmul.
+multiply-adds per vector (n·288 instead of n·1332 for that factor), against n² for a dense matmul.
 """
 
 from __future__ import annotations
