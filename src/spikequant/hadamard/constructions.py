@@ -109,7 +109,14 @@ def sylvester_blocks(pow2: int, block: int = SYLVESTER_BLOCK) -> list[int]:
 
 def plan_cost(pow2: int, factors: tuple[int, ...]) -> float:
     """Modelled online cost per element of H_{pow2} ⊗ H_{f1} ⊗ ...: PASS_COST per Sylvester block plus its
-    size, plus :func:`factor_cost` of every base factor."""
+    size, plus :func:`factor_cost` of every base factor. A lone factor narrower than MIN_GEMM absorbs
+    factors H_2 first, as the transform does (12·2^2 runs as one 48-wide GEMM, the same as Paley 48)."""
+    if len(factors) == 1 and factors[0] < MIN_GEMM:
+        width = factors[0]
+        while width < MIN_GEMM and pow2 > 1:
+            width, pow2 = 2 * width, pow2 // 2
+        blocks = sylvester_blocks(pow2)
+        return PASS_COST * (len(blocks) + 1) + sum(blocks) + max(width, MIN_GEMM)
     blocks = sylvester_blocks(pow2)
     return PASS_COST * len(blocks) + sum(blocks) + sum(factor_cost(f) for f in factors)
 
