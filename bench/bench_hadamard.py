@@ -62,6 +62,19 @@ def timings(t: HadamardTransform, rows: int, repeats: int,
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 HEADER = "# Benchmarks\n\nEach section names the command that produced it.\n"
 
 
@@ -104,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()[0]
     table = "\n".join(rows)
     print(table)
+    print(f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; 1-minute load average "
+          f"{load_before:.1f} before, {load_after:.1f} after")
     if args.no_write:
         return 0
     cmd = " ".join(["python bench/bench_hadamard.py", *(sys.argv[1:] if argv is None else argv)])
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{cmd}`  \n"
         f"Measured {dt.date.today()}: {args.rows} x n float32 rows; dense `x @ Hᵀ` (normalized H "
         f"precomputed) against `HadamardTransform(n)(x)`, calls interleaved, median of {args.repeats} after "
-        f"a warm-up, per torch thread count; torch {torch.__version__}, {os.cpu_count()} cores. The "
+        f"a warm-up, per torch thread count; torch {torch.__version__}, {cpu_name()}, {os.cpu_count()} cores. The "
         f"machine is shared: 1-minute load average {load_before:.1f} before, {load_after:.1f} after. The "
         f"float64 column compares the fast transform with the dense product on 4 random rows.\n\n{table}\n"
         f"<!-- /{MARK} -->"

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from spikequant.hadamard import HadamardTransform, kronecker_reference, paley_matrix
-from spikequant.hadamard.constructions import jacobsthal
-from spikequant.hadamard.structured import PaleyOneFactor, applies, real_fourier_basis
+from spikequant.hadamard import HadamardTransform, kronecker_reference, paley_matrix, plan, previous_plan
+from spikequant.hadamard.constructions import PASS_COST, factor_cost, jacobsthal
+from spikequant.hadamard.structured import PASSES, PaleyOneFactor, applies, real_fourier_basis, structured_cost
 
 
 def test_which_orders_apply():
@@ -47,11 +47,24 @@ def test_structured_product_is_the_paley_matrix(order):
     assert f.macs_per_element < order / 2
 
 
+def test_planner_cost_of_the_structured_product():
+    f = PaleyOneFactor(344)
+    assert structured_cost(344) == PASSES * PASS_COST + f.macs_per_element
+    assert factor_cost(344) == min(structured_cost(344), PASS_COST + 344) and structured_cost(148) is None
+    # 11008: the Williamson factor 172 beats even the structured 344 in the model
+    assert plan(11008).factors == (172,) and previous_plan(11008).factors == (344,)
+
+
 def test_transform_uses_it_when_chunked():
-    t = HadamardTransform(11008, chunk_bytes=1 << 20)
+    n = 2664  # 1332 x 2: Paley I over GF(11³)
+    t = HadamardTransform(n, chunk_bytes=1 << 20)
+    assert t.plan.factors == (1332,)
     assert t._structured is not None and t.online_macs(True) < t.online_macs(False) / 2
-    x = torch.randn(40, 11008, dtype=torch.float64)
+    x = torch.randn(40, n, dtype=torch.float64)
     for inverse in (False, True):
         assert (t(x, inverse=inverse) - kronecker_reference(x, inverse=inverse)).abs().max() < 1e-10
     x32 = x.float()
     assert (t(x32).double() - kronecker_reference(x)).abs().max() < 1e-4
+    # the previous plan of 11008 (344 x 2^5) still runs structured when asked for
+    t344 = HadamardTransform(11008, chunk_bytes=1 << 20, plan_=previous_plan(11008))
+    assert t344._structured is not None and t344.schedule(True) == [8, 4, 344]

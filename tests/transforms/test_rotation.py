@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spikequant.hadamard import hadamard_transform
+from spikequant.hadamard import hadamard_transform, plan
 from spikequant.models import get_arch, model_dims
 from spikequant.transforms import (
     Rotation,
@@ -137,6 +137,26 @@ def test_all_rotations_exact(arch, r1):
     rep = rotate_model(model, RotationConfig(r1=r1, seed=5))
     assert max_logit_diff(model, ref) <= TOL
     assert rep["r1"] == r1 and "expansion" not in rep
+
+
+def _rotate_with_mlp_width(arch: str, mlp: int, factor: int) -> None:
+    # The MLP width's R4 Hadamard uses a stored order (Williamson 172, Baumert–Hall 156, Goethals–Seidel
+    # 428), which the Paley rules alone cannot construct: no expansion, and float64 logits unchanged.
+    assert factor in plan(mlp).factors
+    model, ref = pair(arch, intermediate_size=mlp)
+    rep = rotate_model(model, RotationConfig(seed=5))
+    assert has_online_hadamard(model, "down_proj") and "expansion" not in rep
+    assert max_logit_diff(model, ref) <= TOL
+
+
+@pytest.mark.parametrize("mlp", [172, 344])
+def test_all_rotations_exact_with_williamson_mlp_width(arch, mlp):
+    _rotate_with_mlp_width(arch, mlp, 172)
+
+
+@pytest.mark.parametrize("mlp", [156, 428])
+def test_all_rotations_exact_with_other_stored_mlp_widths(mlp):
+    _rotate_with_mlp_width("llama", mlp, mlp)
 
 
 def test_generation_with_kv_cache_matches():

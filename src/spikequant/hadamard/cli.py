@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from spikequant.hadamard.constructions import NoHadamardError, plan, verify
+from spikequant.hadamard.constructions import NoHadamardError, alternatives, plan, verify
 from spikequant.hadamard.coverage import coverage_table
 from spikequant.hadamard.transform import hadamard_transform, kronecker_reference
 
@@ -19,7 +19,8 @@ COMMANDS = ("hadamard", "hadamard-coverage")
 
 
 def cmd_hadamard(args: argparse.Namespace) -> int:
-    """Print construction and online cost of each size, check H·Hᵀ = n·I; 2 if a size has no construction."""
+    """Print construction, online cost and the alternatives' costs of each size, check H·Hᵀ = n·I; 2 if a
+    size has no construction."""
     status = 0
     for n in args.sizes:
         try:
@@ -35,8 +36,12 @@ def cmd_hadamard(args: argparse.Namespace) -> int:
         if err > 1e-10:
             print(f"spikequant: error: the fast transform of n={n} is off by {err:.1e}", file=sys.stderr)
             return 1
+        alts = alternatives(n)
+        others = "; ".join(f"{a.name} {a.cost:.0f}" for a in alts[:args.alternatives])
+        more = f" (+{len(alts) - args.alternatives} more)" if len(alts) > args.alternatives else ""
         print(f"{p.describe()}; {checked}; fast transform matches it on {args.probes} random vectors "
-              f"(max error {err:.0e})", flush=True)
+              f"(max error {err:.0e}); alternatives (modelled cost/element): {others or 'none'}{more}",
+              flush=True)
     return status
 
 
@@ -50,14 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``hadamard`` and ``hadamard-coverage`` subcommands to an argparse subparsers object."""
     p = subparsers.add_parser(
         "hadamard", help="construction, online cost and an exact H·Hᵀ = n·I check for sizes N",
-        description="For each N: the Hadamard construction used, the online cost of the fast transform, "
-                    "and an exact check of H·Hᵀ = N·I. Exit status 2 if some N has no construction (the "
-                    "message names sizes above it).")
+        description="For each N: the Hadamard construction used (the least modelled online cost), the "
+                    "online cost of the fast transform, the alternatives' costs, and an exact check of "
+                    "H·Hᵀ = N·I. Exit status 2 if some N has no construction (the message names sizes above it).")
     p.add_argument("sizes", type=int, nargs="+", metavar="N")
     p.add_argument("--dense-limit", type=int, default=2048,
                    help="multiply out the whole matrix up to this order; above it check each Kronecker "
                         "factor exactly (default: %(default)s)")
     p.add_argument("--probes", type=int, default=4, help="random vectors for the fast-transform check")
+    p.add_argument("--alternatives", type=int, default=3,
+                   help="other constructions of N to list with their modelled cost (default: %(default)s)")
     p.set_defaults(func=cmd_hadamard)
     p = subparsers.add_parser("hadamard-coverage",
                               help="Hadamard coverage of popular models' dimensions (markdown)")

@@ -1,17 +1,21 @@
 """Hadamard matrices of every order these rules reach, and the plan for applying them fast.
 
 Rules: Sylvester (2^k), Paley I (q + 1 for a prime power q ≡ 3 mod 4), Paley II (2(q + 1) for a prime power
-q ≡ 1 mod 4), and Kronecker products of those. So the constructible orders are exactly
-n = 2^k · m1 · m2 · ... with each m_i a Paley order, and H_n = H_{2^k} ⊗ H_{m1} ⊗ H_{m2} ⊗ ...
+q ≡ 1 mod 4), the stored orders 156, 172 and 428 that Paley misses (``stored.py``: Baumert–Hall,
+Williamson and Goethals–Seidel matrices from published sequences), and Kronecker products of those. So the
+constructible orders are exactly n = 2^k · m1 · m2 · ... with each m_i a base order (Paley or stored), and
+H_n = H_{2^k} ⊗ H_{m1} ⊗ H_{m2} ⊗ ...
 
-The online transform applies each Kronecker factor on its own axis: a fast Walsh–Hadamard transform for
-2^k (k multiply-adds per element) and one small matmul per Paley factor (m_i per element). :func:`plan`
-picks the **smallest dense factor** m = Π m_i such that n / m is a power of two, and for that m the
-Paley factorization with the least Σ m_i (one Paley order almost always; a product such as
-1904 = 28·68 only when m has no Paley construction of its own or the product is cheaper).
+The online transform applies each Kronecker factor on its own axis: Sylvester blocks of at most 16 for 2^k
+and one matmul per base factor. :func:`plan` picks, among all splits n = 2^k · m with m a product of base
+orders, the one with the **least online cost** under a simple model of that schedule (:func:`plan_cost`):
+every pass over the data costs ``PASS_COST`` multiply-add equivalents per element, plus the multiply-adds
+of its block (the structured product of ``structured.py`` for a large Paley I factor over GF(p^k) when it
+is cheaper). Usually that is the smallest dense factor; 11008 = 172·2^6 (Williamson) beats 344·2^5
+(Paley I over GF(7³)), and :func:`alternatives` lists what else was possible, with costs.
 
 Ordering (what the fast transform reproduces exactly): ``hadamard_matrix(n) = kron(H_{2^k}, H_{m1}, ...)``
-with H_{2^k} Sylvester in natural order, H[i, j] = (-1)^popcount(i & j), and the Paley factors in
+with H_{2^k} Sylvester in natural order, H[i, j] = (-1)^popcount(i & j), and the base factors in
 ascending order. Index i of a vector is its row-major position in a (2^k, m1, m2, ...) grid.
 """
 
@@ -26,10 +30,23 @@ import torch
 
 from spikequant.errors import SpikequantError
 from spikequant.hadamard.fields import GaloisField, prime_power
+from spikequant.hadamard.stored import STORED, stored_matrix
 
 # A dense factor up to this order keeps the online transform cheap (n·m MACs per vector, at most a quarter
 # of one 4096-wide matmul row). Expansion targets are reported both with and without this limit.
 FAST_FACTOR = 1024
+# Cost model of the planner, in multiply-add equivalents per element: one pass over the data (a GEMM or a
+# batched matmul on one grid axis, or an elementwise op) costs PASS_COST on top of its multiply-adds; the
+# Sylvester factor goes in blocks of at most SYLVESTER_BLOCK. PASS_COST is a rough setting, not a fit: the
+# plans it picks were timed against their alternatives (bench/bench_hadamard_plans.py, docs/hadamard.md).
+PASS_COST = 32
+SYLVESTER_BLOCK = 16
+# A GEMM whose inner dimension is below this runs at the speed of one this wide (the transform widens a lone
+# narrow factor to it by absorbing factors H_2), so a base factor costs at least this many multiply-adds.
+MIN_GEMM = 32
+# The model is coarse, and a different plan is a different matrix (every fused rotation changes with it), so
+# the smallest dense factor keeps its place unless another plan is cheaper by more than this fraction.
+COST_TOLERANCE = 0.15
 
 
 class NoHadamardError(SpikequantError, ValueError):
@@ -65,28 +82,70 @@ def paley_rule(m: int) -> tuple[str, int] | None:
     return None
 
 
+def is_base_order(m: int) -> bool:
+    """Whether H_m is built directly (a Paley order or a stored one), not as a Kronecker product."""
+    return paley_rule(m) is not None or m in STORED
+
+
+@cache
+def factor_cost(order: int) -> float:
+    """Modelled online cost per element of applying the base factor H_order on its axis: one GEMM pass and
+    max(order, MIN_GEMM) multiply-adds, or the structured product (``structured.py``) when that is cheaper."""
+    from spikequant.hadamard.structured import structured_cost  # structured.py imports this module
+
+    gemm = PASS_COST + max(order, MIN_GEMM)
+    structured = structured_cost(order)
+    return min(gemm, structured) if structured is not None else gemm
+
+
+def sylvester_blocks(pow2: int, block: int = SYLVESTER_BLOCK) -> list[int]:
+    """Split 2^k into the fewest near-equal power-of-two blocks of at most ``block`` (>= 2), largest first."""
+    k, kb = pow2.bit_length() - 1, max(block.bit_length() - 1, 1)
+    if k == 0:
+        return []
+    parts = -(-k // kb)
+    return [1 << (k // parts + (1 if i < k % parts else 0)) for i in range(parts)]
+
+
+def plan_cost(pow2: int, factors: tuple[int, ...]) -> float:
+    """Modelled online cost per element of H_{pow2} ⊗ H_{f1} ⊗ ...: PASS_COST per Sylvester block plus its
+    size, plus :func:`factor_cost` of every base factor. A lone factor narrower than MIN_GEMM absorbs
+    factors H_2 first, as the transform does (12·2^2 runs as one 48-wide GEMM, the same as Paley 48)."""
+    if len(factors) == 1 and factors[0] < MIN_GEMM:
+        width = factors[0]
+        while width < MIN_GEMM and pow2 > 1:
+            width, pow2 = 2 * width, pow2 // 2
+        blocks = sylvester_blocks(pow2)
+        return PASS_COST * (len(blocks) + 1) + sum(blocks) + max(width, MIN_GEMM)
+    blocks = sylvester_blocks(pow2)
+    return PASS_COST * len(blocks) + sum(blocks) + sum(factor_cost(f) for f in factors)
+
+
 @cache
 def dense_chain(m: int) -> tuple[int, ...] | None:
-    """Paley orders (ascending) whose Kronecker product is m, with the least sum (= online MACs per element);
-    () for m = 1; None if m is not such a product."""
+    """Base orders (ascending) whose Kronecker product is m, with the least modelled cost; () for m = 1;
+    None if m is not such a product."""
     if m == 1:
         return ()
     if m % 4:
         return None
-    best = (m,) if paley_rule(m) else None
-    for a in range(12, math.isqrt(m) + 1, 4):  # the smallest Paley order that is not a power of two is 12
-        if m % a == 0 and paley_rule(a):
+    best = (m,) if is_base_order(m) else None
+    for a in range(12, math.isqrt(m) + 1, 4):  # the smallest base order that is not a power of two is 12
+        if m % a == 0 and is_base_order(a):
             rest = dense_chain(m // a)
-            if rest and (best is None or a + sum(rest) < sum(best)):
+            if rest and (best is None or factor_cost(a) + sum(map(factor_cost, rest))
+                         < sum(map(factor_cost, best))):
                 best = tuple(sorted((a, *rest)))
     return best
 
 
 def factor_name(order: int) -> str:
-    """'paley1(q=343)' or 'paley2(q=73)' for a Paley order."""
+    """'paley1(q=343)', 'paley2(q=73)', 'williamson(43)', ... for a base order."""
+    if order in STORED:
+        return STORED[order].rule
     rule = paley_rule(order)
     if rule is None:
-        raise ValueError(f"{order} is not a Paley order")
+        raise ValueError(f"{order} is not a base order (Paley or stored: {sorted(STORED)})")
     return f"{rule[0]}(q={rule[1]})"
 
 
@@ -97,7 +156,7 @@ class HadamardPlan:
     n: int
     pow2: int  # 2^k, the Sylvester factor, applied by fast Walsh–Hadamard butterflies
     m: int  # the dense factor, 1 when n is a power of two
-    factors: tuple[int, ...]  # Paley orders whose product is m, each applied as a small matmul
+    factors: tuple[int, ...]  # base orders whose product is m, each applied as a small matmul
 
     @property
     def k(self) -> int:
@@ -106,8 +165,13 @@ class HadamardPlan:
 
     @property
     def construction(self) -> str:
-        """How H_m is built: 'sylvester' (m = 1), 'paley1(q=...)', 'paley2(q=...)', 'A x B' for a product."""
+        """How H_m is built: 'sylvester' (m = 1), 'paley1(q=...)', 'williamson(43)', 'A x B' for a product."""
         return " x ".join(map(factor_name, self.factors)) if self.factors else "sylvester"
+
+    @property
+    def cost(self) -> float:
+        """Modelled online cost per element (multiply-add equivalents, :func:`plan_cost`); plans minimize it."""
+        return plan_cost(self.pow2, self.factors)
 
     @property
     def online_macs(self) -> int:
@@ -121,7 +185,7 @@ class HadamardPlan:
 
     @property
     def name(self) -> str:
-        """E.g. '2^12, sylvester' or '344 x 2^5, paley1(q=343)': dense x Sylvester factor, H_m's rule."""
+        """E.g. '2^12, sylvester' or '172 x 2^6, williamson(43)': dense x Sylvester factor, H_m's rule."""
         if self.m == 1:
             return f"2^{self.k}, sylvester"
         if self.pow2 == 1:
@@ -132,30 +196,76 @@ class HadamardPlan:
         """One line: the split, H_m's rule, and the online against the dense cost."""
         ratio = f", {self.dense_macs / self.online_macs:.0f}x more" if self.online_macs else ""
         return (f"n={self.n} = {self.name}: online {self.online_macs:,} MACs/vector "
-                f"(dense matmul {self.dense_macs:,}{ratio})")
+                f"(dense matmul {self.dense_macs:,}{ratio}), modelled cost {self.cost:.0f}/element")
 
 
 @cache
-def _plan_or_none(n: int) -> HadamardPlan | None:
-    # The smallest dense factor wins: m = odd part · 2^i for i = 0, 1, ...; everything else of n goes to
-    # the Sylvester factor, whose butterflies cost 1 MAC per element and stage against m per element here.
+def _candidates(n: int) -> tuple[HadamardPlan, ...]:
+    """Every split n = 2^k · m with a construction (each m with its cheapest chain): first the chosen plan,
+    the smallest m whose cost is within ``COST_TOLERANCE`` of the least, then the others, cheapest first."""
+    out = []
     m = n // (n & -n)
     while m <= n:
         chain = dense_chain(m)
         if chain is not None:
-            return HadamardPlan(n=n, pow2=n // m, m=m, factors=chain)
+            out.append(HadamardPlan(n=n, pow2=n // m, m=m, factors=chain))
         m *= 2
-    return None
+    if not out:
+        return ()
+    least = min(p.cost for p in out)
+    chosen = min((p for p in out if p.cost <= least * (1 + COST_TOLERANCE)), key=lambda p: p.m)
+    return (chosen, *sorted((p for p in out if p is not chosen), key=lambda p: (p.cost, p.m)))
+
+
+def _plan_or_none(n: int) -> HadamardPlan | None:
+    c = _candidates(n)
+    return c[0] if c else None
+
+
+def _check_order(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"a Hadamard order is a positive integer, got {n!r}")
+    return int(n)
 
 
 def plan(n: int) -> HadamardPlan:
     """The cheapest construction of order n; raises :class:`NoHadamardError` naming sizes above n."""
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        raise ValueError(f"a Hadamard order is a positive integer, got {n!r}")
-    p = _plan_or_none(int(n))
+    n = _check_order(n)
+    p = _plan_or_none(n)
     if p is None:
-        raise NoHadamardError(int(n), next_constructible(n), next_constructible(n, max_factor=FAST_FACTOR))
+        raise NoHadamardError(n, next_constructible(n), next_constructible(n, max_factor=FAST_FACTOR))
     return p
+
+
+def alternatives(n: int) -> list[HadamardPlan]:
+    """The other constructions of order n (one per dense factor m), cheapest first; [] if there are none."""
+    return list(_candidates(_check_order(n))[1:])
+
+
+@cache
+def previous_plan(n: int) -> HadamardPlan | None:
+    """The plan of the rule before stored orders and the cost model: the smallest dense factor m that is a
+    product of Paley orders (least Σ m_i). Kept to report which sizes changed; None if that rule had none."""
+
+    @cache
+    def paley_chain(m: int) -> tuple[int, ...] | None:
+        if m == 1:
+            return ()
+        best = (m,) if paley_rule(m) else None
+        for a in range(12, math.isqrt(m) + 1, 4):
+            if m % a == 0 and paley_rule(a):
+                rest = paley_chain(m // a)
+                if rest and (best is None or a + sum(rest) < sum(best)):
+                    best = tuple(sorted((a, *rest)))
+        return best
+
+    m = n // (n & -n)
+    while m <= n:
+        chain = paley_chain(m) if m % 4 == 0 or m == 1 else None
+        if chain is not None:
+            return HadamardPlan(n=n, pow2=n // m, m=m, factors=chain)
+        m *= 2
+    return None
 
 
 def is_constructible(n: int) -> bool:
@@ -240,6 +350,13 @@ def paley_matrix(order: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
     return torch.from_numpy(_paley(order).copy()).to(dtype)
 
 
+def factor_matrix(order: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """The ±1 matrix of a base order: Paley I/II, or a stored order (checked exactly when first built)."""
+    if order in STORED:
+        return torch.from_numpy(stored_matrix(order).copy()).to(dtype)
+    return paley_matrix(order, dtype)
+
+
 def sylvester_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Sylvester's H_n (n a power of two) in natural order."""
     if not _is_pow2(n):
@@ -251,7 +368,7 @@ def dense_factor_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Ten
     """H_m = H_{m1} ⊗ H_{m2} ⊗ ... of ``plan(n)`` (the 1 x 1 matrix [1] when n is a power of two)."""
     h = torch.ones(1, 1, dtype=dtype)
     for f in plan(n).factors:
-        h = torch.kron(h, paley_matrix(f, dtype))
+        h = torch.kron(h, factor_matrix(f, dtype))
     return h
 
 
@@ -313,7 +430,7 @@ def verify(n: int, dense_limit: int = 2048) -> str:
         return f"H·Hᵀ = {n}·I exactly (full {n} x {n} product)"
     shown = [_check_sylvester(p.pow2, dense_limit)] if p.pow2 > 1 else []
     for f in p.factors:
-        if not _exactly_hadamard(paley_matrix(f)):
+        if not _exactly_hadamard(factor_matrix(f)):
             raise AssertionError(f"the Kronecker factor H_{f} of n={n} is not Hadamard")
         shown.append(f"H_{f}·H_{f}ᵀ = {f}·I")
     parts = [f for f in (p.pow2, *p.factors) if f > 1]

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spikequant.hadamard.constructions import FAST_FACTOR, HadamardPlan, NoHadamardError, plan
+from spikequant.hadamard.constructions import (
+    FAST_FACTOR,
+    HadamardPlan,
+    NoHadamardError,
+    alternatives,
+    plan,
+    previous_plan,
+)
 
 # model -> (hidden_size, intermediate_size, head_dim), from the models' published config.json files.
 MODEL_DIMS: dict[str, tuple[int, int, int]] = {
@@ -50,8 +57,16 @@ class Coverage:
         return self.plan is not None
 
     @property
+    def changed(self) -> bool:
+        """Whether the plan differs from the previous rule's (smallest Paley dense factor, no stored orders)."""
+        before = previous_plan(self.n)
+        p = self.plan
+        return (before is None) != (p is None) or (
+            before is not None and p is not None and (before.pow2, before.factors) != (p.pow2, p.factors))
+
+    @property
     def cell(self) -> str:
-        """Short markdown for a table cell: '11008 = 344·2^5' or '13696: none, expand +64 -> 13760'."""
+        """Short markdown for a table cell: '11008 = 172·2^6' or '3776: none, expand +64 -> 3840'."""
         if self.plan is not None:
             p = self.plan
             return f"{self.n} = 2^{p.k}" if p.m == 1 else f"{self.n} = {p.m}·2^{p.k}"
@@ -67,9 +82,14 @@ def coverage(n: int) -> Coverage:
         return Coverage(n, None, e.target, plan(e.target))
 
 
-def coverage_table(models: dict[str, tuple[int, int, int]] | None = None) -> str:
+def _short(p: HadamardPlan) -> str:
+    return f"2^{p.k}" if p.m == 1 else (f"{p.m}" if p.pow2 == 1 else f"{p.m}·2^{p.k}")
+
+
+def coverage_table(models: dict[str, tuple[int, int, int]] | None = None, max_alternatives: int = 2) -> str:
     """Markdown: one row per model (its three dimensions), then one row per distinct dimension with the
-    construction, the online cost of the fast transform against a dense matmul, or the expansion needed."""
+    chosen construction, its modelled cost and online cost against a dense matmul, the alternatives' costs,
+    the previous rule's plan where it differs (or the expansion needed), then the list of changed sizes."""
     models = MODEL_DIMS if models is None else models
     lines = ["| model | hidden | intermediate | head_dim |", "| --- | --- | --- | --- |"]
     users: dict[int, list[str]] = {}
@@ -79,16 +99,29 @@ def coverage_table(models: dict[str, tuple[int, int, int]] | None = None) -> str
             users.setdefault(d, [])
             if label not in users[d]:
                 users[d].append(label)
-    lines += ["", "| n | as | construction | online MACs/vector | dense MACs/vector | dense / online |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| n | as | construction | cost/element | online MACs/vector | dense MACs/vector | dense / online "
+              "| alternatives (cost/element) | previous plan |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    changed = []
     for n in sorted(users):
         c = coverage(n)
         p = c.plan if c.plan is not None else c.expand_plan
         assert p is not None
         what = p.name if c.plan is not None else (
             f"**none**; expand +{p.n - n} -> {p.n} = {p.name}")
-        lines.append(f"| {n} | {', '.join(users[n])} | {what} | {p.online_macs:,} | {p.dense_macs:,} "
-                     f"| {p.dense_macs / p.online_macs:.0f}x |")
+        alts = alternatives(p.n)[:max_alternatives]
+        alt = ", ".join(f"{_short(a)} ({a.cost:.0f})" for a in alts) or "-"
+        before = previous_plan(n)
+        if c.changed:
+            changed.append(n)
+            prev = f"**{before.name}** ({before.cost:.0f})" if before is not None else "**none**"
+        else:
+            prev = "same"
+        lines.append(f"| {n} | {', '.join(users[n])} | {what} | {p.cost:.0f} | {p.online_macs:,} | "
+                     f"{p.dense_macs:,} | {p.dense_macs / p.online_macs:.0f}x | {alt} | {prev} |")
     lines += ["", f"Expansion targets have a dense factor <= {FAST_FACTOR}; costs of an expanded size are "
-              "those of the target."]
+              "those of the target. Cost/element is the planner's model (multiply-add equivalents, "
+              "`plan_cost`); the previous plan is the rule before stored orders and the cost model (smallest "
+              "Paley dense factor).", "",
+              "Plans changed: " + (", ".join(map(str, changed)) if changed else "none") + "."]
     return "\n".join(lines)

@@ -7,7 +7,7 @@ of r x r. The orthonormal real Fourier basis T of Z_p (rows 1, cos f, sin f for 
 block-diagonalizes it, (T ⊗ I_r)·Q·(T ⊗ I_r)ᵀ = diag(D_0, D_1, ..., D_h) with D_0 r x r and D_f 2r x 2r, so
     z·Qᵀ = ((T applied to the blocks of z) · blockdiag(D)) with Tᵀ applied back,
 costing about 2(p + 1) + 2r multiply-adds per element instead of q (frequency 0 is padded to a 2r block so
-that one batched matmul does all blocks). For q = 343 = 7³ (order 344, the dense factor of 11008) that is
+that one batched matmul does all blocks). For q = 343 = 7³ (order 344, the previous dense factor of 11008) that is
 128 instead of 343.
 
 The blocks are computed numerically in float64 from the exact Q and checked to be block-diagonal, so the
@@ -20,10 +20,13 @@ import math
 
 import torch
 
-from spikequant.hadamard.constructions import jacobsthal, paley_rule
+from spikequant.hadamard.constructions import PASS_COST, jacobsthal, paley_rule
 from spikequant.hadamard.fields import prime_power
 
 MIN_ORDER = 128  # below this the extra passes cost more than the multiply-adds saved
+# Passes over the data in PaleyOneFactor.__call__: the Fourier matmul, the batched block product, the matmul
+# back, and the two elementwise updates (the first column's sums are small next to them).
+PASSES = 5
 
 
 def _macs(p: int, r: int) -> float:
@@ -48,6 +51,15 @@ def real_fourier_basis(p: int) -> torch.Tensor:
         rows += [math.sqrt(2 / p) * torch.cos(2 * math.pi * f * j / p),
                  math.sqrt(2 / p) * torch.sin(2 * math.pi * f * j / p)]
     return torch.stack(rows)
+
+
+def structured_cost(order: int) -> float | None:
+    """Modelled online cost per element (multiply-add equivalents, as ``constructions.plan_cost``) of this
+    product, or None where it does not apply."""
+    if not applies(order):
+        return None
+    p = prime_power(order - 1)[0]  # type: ignore[index]
+    return PASSES * PASS_COST + _macs(p, (order - 1) // p)
 
 
 class PaleyOneFactor:

@@ -6,15 +6,15 @@
 
 How it is computed (see docs/hadamard.md and docs/benchmarks.md for measurements): every factor is a
 matmul with a small block. The last axis is contiguous, so its factor is one GEMM over all rows; the
-Paley factors are used as they are, and the Sylvester factor is split into Sylvester blocks
+base factors (Paley or stored) are used as they are, and the Sylvester factor is split into Sylvester blocks
 (H_{2^k} = H_{2^a} ⊗ H_{2^b} ⊗ ...), each a batched matmul on its axis. A radix-2 butterfly pass costs one
 add per element but a full read and write of the tensor; a 16 x 16 block does four such stages in one
 pass, which is faster on CPU. A dense factor narrower than 32 absorbs factors H_2 (H_2 ⊗ H_12 is a 24 x 24
 block) because a GEMM with a tiny inner dimension is inefficient. Single-threaded, rows go through in
 chunks of about 1 MB so that the stages after the first read from cache, and a large Paley I factor over
-GF(p^k), k >= 2 (344 = 7³ + 1, the factor of 11008), uses the block-circulant structure of its Jacobsthal
+GF(p^k), k >= 2 (e.g. 1332 = 11³ + 1, the factor of 2664), uses the block-circulant structure of its Jacobsthal
 matrix (``structured.py``) instead of the GEMM. Cost: n·m plus n·(sum of the Sylvester blocks)
-multiply-adds per vector (n·128 instead of n·344 for that factor), against n² for a dense matmul.
+multiply-adds per vector (n·288 instead of n·1332 for that factor), against n² for a dense matmul.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import threading
 
 import torch
 
-from spikequant.hadamard.constructions import paley_matrix, plan, sylvester_matrix
+from spikequant.hadamard.constructions import HadamardPlan, factor_matrix, plan, sylvester_matrix
 from spikequant.hadamard.structured import PaleyOneFactor, applies
 
 try:  # optional CUDA kernel for the power-of-two part (the fast-hadamard-transform package)
@@ -70,7 +70,8 @@ class HadamardTransform:
     else 32); ``widen``: a single dense factor (or the power-of-two case) absorbs factors H_2 until it is
     at least this wide; ``chunk_bytes``: CPU rows go through in chunks of about this size (None: 1 MB when
     torch runs single-threaded, else no chunks; 0: never); ``use_kernel``: the fast-hadamard-transform CUDA
-    kernel for the power-of-two axis (None: when installed and the tensor is on CUDA).
+    kernel for the power-of-two axis (None: when installed and the tensor is on CUDA); ``plan_``: another
+    construction of order n (from ``alternatives(n)``) instead of ``plan(n)``, to time it.
 
     Why the defaults depend on the thread count: chunking keeps every stage after the first in cache, but
     each chunk's ops are separate parallel regions, and on a loaded machine every region waits for a
@@ -79,8 +80,12 @@ class HadamardTransform:
     """
 
     def __init__(self, n: int, block: int | None = None, widen: int = 32, chunk_bytes: int | None = None,
-                 use_kernel: bool | None = None) -> None:
-        self.plan = plan(n)
+                 use_kernel: bool | None = None, plan_: HadamardPlan | None = None) -> None:
+        if plan_ is not None and plan_.n != n:
+            raise ValueError(f"plan_ is for n={plan_.n}, not {n}")
+        # plan_ (one of ``alternatives(n)``) applies a different Hadamard matrix than hadamard_matrix(n):
+        # for benchmarking the alternatives only.
+        self.plan = plan(n) if plan_ is None else plan_
         self.n = n
         self.block, self.widen, self.chunk_bytes, self.use_kernel = block, widen, chunk_bytes, use_kernel
         self._cache: dict[tuple[int, torch.dtype, torch.device, bool], list[torch.Tensor]] = {}
@@ -94,7 +99,7 @@ class HadamardTransform:
         # For the CUDA kernel: the power-of-two part as one axis, then the whole dense factor H_m.
         self._kernel_dense = torch.ones(1, 1, dtype=torch.float64)
         for f in self.plan.factors:
-            self._kernel_dense = torch.kron(self._kernel_dense, paley_matrix(f, torch.float64))
+            self._kernel_dense = torch.kron(self._kernel_dense, factor_matrix(f, torch.float64))
 
     def _tmp(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
         # Reused between calls: an online rotation sees the same shapes call after call, and a fresh
@@ -121,7 +126,7 @@ class HadamardTransform:
         Factors of 2 moved into a lone dense factor are the innermost Sylvester ones,
         H_{2^k} ⊗ H_m = H_{2^(k-j)} ⊗ (H_{2^j} ⊗ H_m), so the matrix is unchanged.
         """
-        dense = [paley_matrix(f, torch.float64) for f in self.plan.factors]
+        dense = [factor_matrix(f, torch.float64) for f in self.plan.factors]
         dense = dense or [torch.ones(1, 1, dtype=torch.float64)]
         pow2 = self.plan.pow2
         while len(dense) == 1 and dense[0].shape[0] < self.widen and pow2 > 1:
@@ -244,7 +249,7 @@ def kronecker_reference(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """
     n = x.shape[-1]
     p = plan(n)
-    factors = [sylvester_matrix(p.pow2)] + [paley_matrix(f, torch.float64) for f in p.factors]
+    factors = [sylvester_matrix(p.pow2)] + [factor_matrix(f, torch.float64) for f in p.factors]
     y = x.to(torch.float64).reshape(-1, *(int(f.shape[0]) for f in factors))
     for axis, f in enumerate(factors, start=1):
         # Left-multiply this axis by F (Fᵀ for the inverse): contract F's columns with the axis.
