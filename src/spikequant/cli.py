@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from spikequant.errors import SpikequantError
+from spikequant.eval.zeroshot import add_arguments as zeroshot_arguments
 from spikequant.models import DEFAULT_MODEL
 
 DEMO_RECIPES = ("fp", "w8a8-tensor", "w8a8-tensor-static", "w8a8-token")
@@ -48,11 +49,12 @@ def _add_report_args(p: argparse.ArgumentParser) -> None:
 
 
 def _session(args: argparse.Namespace):
+    from spikequant.eval.zeroshot import from_arguments
     from spikequant.pipeline import Session
 
     return Session(model_source=args.model, data_dir=args.data_dir, dataset=args.dataset, seqlen=args.seqlen,
                    max_windows=args.max_windows, dtype=args.dtype, device=args.device, kl=not args.no_kl,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, zeroshot=from_arguments(args))
 
 
 def _print_table(reports: list[dict]) -> None:
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="preset name or .yaml/.json file (default: fp)")
     _add_data_args(p)
     _add_report_args(p)
+    zeroshot_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", help="quantize a model by a recipe and save it")

@@ -77,6 +77,8 @@ class Session:
     progress: bool = True
     # Precompute the reference log-probs when they fit in this many bytes; else run side by side.
     reference_budget_bytes: int = 4 << 30
+    # Zero-shot accuracy (a spikequant.eval.zeroshot.ZeroShotEvaluator) on each evaluated model, or None.
+    zeroshot: Any = None
     _loaded: LoadedModel | None = field(default=None, repr=False)
     _text: Text | None = field(default=None, repr=False)
     _windows: torch.Tensor | None = field(default=None, repr=False)
@@ -89,6 +91,8 @@ class Session:
             t = time.perf_counter()
             # Data first: a bad --data-dir fails in a second, not after loading the model.
             self._text = load_text(self.dataset, self.split, self.data_dir)
+            if self.zeroshot is not None:
+                self.zeroshot.check()  # lm-eval present, task names known: before the model loads
             self._loaded = load_model(self.model_source, self.dtype, self.device)
             self._windows = eval_windows(tokenize(self._loaded.tokenizer, self._text), self.seqlen, self.max_windows)
             self.load_seconds = time.perf_counter() - t
@@ -145,7 +149,14 @@ class Session:
         if recipe.is_float and self.kl:
             res.kl, res.top1 = 0.0, 1.0  # the model is its own reference
         timings["eval_s"] = round(res.seconds, 3)
-        return self.report(recipe, res, qm, findings, timings), qm
+        return self.add_zeroshot(self.report(recipe, res, qm, findings, timings), model, self.loaded.tokenizer), qm
+
+    def add_zeroshot(self, report: dict[str, Any], model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+        """Zero-shot accuracy of ``model`` as it is held (quantizers, rotations, hooks in place)."""
+        if self.zeroshot is not None:
+            report["zeroshot"] = self.zeroshot.run(model, tokenizer).to_dict()
+            report["timings"]["zeroshot_s"] = report["zeroshot"]["seconds"]
+        return report
 
     def report(self, recipe: Recipe, res: EvalResult, qm: QuantizedModel | None, findings: dict,
                timings: dict[str, float]) -> dict[str, Any]:
@@ -197,6 +208,8 @@ def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recip
     reference (and is only loaded when KL is asked for)."""
     from spikequant.export import load_quantized
 
+    if session.zeroshot is not None:
+        session.zeroshot.check()
     t = time.perf_counter()
     loaded, qm, recipe, manifest = load_quantized(path, session.dtype, session.device)
     load_s = time.perf_counter() - t
@@ -216,4 +229,4 @@ def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recip
                          {"load_s": round(load_s, 3), "quantize_s": 0.0, "eval_s": round(res.seconds, 3)})
     rep["model"]["source"] = str(path)
     rep["model"]["base_model"] = manifest["base_model"]
-    return rep, recipe
+    return session.add_zeroshot(rep, loaded.model, loaded.tokenizer), recipe

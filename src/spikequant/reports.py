@@ -10,7 +10,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("spikequant", "torch", "transformers", "safetensors", "gguf", "numpy")
+from spikequant.eval import zeroshot
+
+PACKAGES = ("spikequant", "torch", "transformers", "safetensors", "gguf", "numpy", "lm_eval")
 
 
 def versions() -> dict[str, str]:
@@ -62,10 +64,13 @@ def result_row(report: dict[str, Any]) -> dict[str, Any]:
         "hp_share": q.get("high_precision_share"),
         "weight_bits": q.get("effective_weight_bits"),
         "seconds": report.get("timings", {}).get("eval_s"),
+        **zeroshot.report_metrics(report),
     }
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]] = METRIC_COLUMNS) -> str:
+    """``columns`` (key, header), then a column per zero-shot metric the rows carry."""
+    columns = [*columns, *zeroshot.table_columns(rows)]
     head = "| " + " | ".join(c[1] for c in columns) + " |"
     sep = "| " + " | ".join("---" for _ in columns) + " |"
     body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
@@ -90,8 +95,9 @@ def provenance_markdown(report: dict[str, Any]) -> str:
 
 def report_markdown(reports: list[dict[str, Any]], title: str = "spikequant results") -> str:
     """One markdown document: the metrics table, then the provenance and the recipes."""
-    parts = [f"# {title}", "", markdown_table([result_row(r) for r in reports]), "", "## Provenance", "",
-             provenance_markdown(reports[0]), ""]
+    parts = [f"# {title}", "", markdown_table([result_row(r) for r in reports]), ""]
+    note = zeroshot.table_note(reports)
+    parts += ([note, ""] if note else []) + ["## Provenance", "", provenance_markdown(reports[0]), ""]
     for r in reports:
         findings = (r.get("quantization") or {}).get("findings")
         parts += [f"### Recipe `{r['recipe']['name']}`", "", "```json", json.dumps(r["recipe"], indent=2), "```", ""]

@@ -10,14 +10,13 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from spikequant.errors import DataError
+from spikequant.cli import main
 from spikequant.eval.zeroshot import (
     TASK_PRESETS,
     ZeroShotError,
     ZeroShotEvaluator,
     evaluate,
     headline_metric,
-    make_task_manager,
     parse_tasks,
 )
 from spikequant.models.tiny import tiny_model
@@ -178,22 +177,36 @@ def test_headline_metric_is_quarots_rule():
     assert headline_metric({"perplexity,none": 3.0}) is None
 
 
-def test_missing_tasks_dir_is_one_line(tmp_path):
+def _cli(capsys, tmp_path, *flags: str) -> str:
+    """``spikequant eval`` on a small local text (the data check passes), returning its one-line error."""
+    text = tmp_path / "text.txt"
+    text.write_text("a few words of text\n" * 20)
+    assert main(["eval", "--dataset", str(text), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("spikequant: error: ")
+    return err
+
+
+def test_cli_missing_tasks_dir_is_one_line(capsys, tmp_path):
     pytest.importorskip("lm_eval")
-    with pytest.raises(DataError, match=r"--tasks-dir .*nope is not a folder"):
-        make_task_manager(["x"], tmp_path / "nope")
+    assert "--tasks-dir" in _cli(capsys, tmp_path, "--tasks", "x", "--tasks-dir", str(tmp_path / "nope"))
+    assert "without --tasks" in _cli(capsys, tmp_path, "--tasks-dir", str(tmp_path))
 
 
-def test_unknown_task_is_one_line(setup_fp):
-    _, _, _, tasks_dir = setup_fp
-    with pytest.raises(ZeroShotError, match=r"unknown zero-shot task 'no_such_task_xyz': neither lm-eval nor"):
-        make_task_manager([TASK, "no_such_task_xyz"], tasks_dir)
+def test_cli_unknown_task_is_one_line(capsys, tmp_path, setup_fp):
+    tasks_dir = setup_fp[3]
+    err = _cli(capsys, tmp_path, "--tasks", f"{TASK},no_such_task_xyz", "--tasks-dir", tasks_dir)
+    assert f"unknown zero-shot task 'no_such_task_xyz': neither lm-eval nor {tasks_dir} defines it" in err
 
 
-def test_lm_eval_missing_is_one_line(monkeypatch):
+def test_cli_lm_eval_missing_is_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` sees when it is not installed
-    with pytest.raises(ZeroShotError, match=r"lm-eval, which is not installed; pip install 'spikequant\[eval\]'"):
-        ZeroShotEvaluator(["piqa"]).check()
+    err = _cli(capsys, tmp_path, "--tasks", "quarot")
+    assert "lm-eval, which is not installed; pip install 'spikequant[eval]'" in err
+
+
+def test_cli_bad_limit_is_one_line(capsys, tmp_path):
+    assert "--limit must be >= 1, got 0" in _cli(capsys, tmp_path, "--tasks", "piqa", "--limit", "0")
 
 
 def test_bad_settings():

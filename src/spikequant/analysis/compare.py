@@ -14,6 +14,7 @@ from typing import Any
 
 from spikequant.analysis.plots import plot_compare
 from spikequant.errors import SpikequantError
+from spikequant.eval import zeroshot
 from spikequant.pipeline import Session
 from spikequant.quant import QuantizedModel
 from spikequant.recipes import Recipe, load_recipe
@@ -50,12 +51,18 @@ def row_of(report: dict[str, Any], fp_ppl: float | None) -> dict[str, Any]:
         "weight_bits": q.get("effective_weight_bits"),
         "wall_s": round(t.get("wall_s", t.get("quantize_s", 0.0) + t.get("eval_s", 0.0)), 1),
         "kept_layers": f.get("spike_layers") or f.get("random_layers") or q.get("float_linears") or [],
+        **zeroshot.report_metrics(report),
     }
 
 
 def _settings(session: Session) -> dict[str, Any]:
-    return {"model": session.model_source, "dataset": session.dataset, "split": session.split,
-            "seqlen": session.seqlen, "max_windows": session.max_windows, "dtype": session.dtype}
+    settings = {"model": session.model_source, "dataset": session.dataset, "split": session.split,
+                "seqlen": session.seqlen, "max_windows": session.max_windows, "dtype": session.dtype}
+    z = session.zeroshot
+    if z is not None:  # only when asked, so compare.json files without zero-shot still resume
+        settings["zeroshot"] = {"tasks": z.tasks, "tasks_dir": z.tasks_dir, "num_fewshot": z.num_fewshot,
+                                "limit": z.limit, "batch_size": z.batch_size, "max_length": z.max_length}
+    return settings
 
 
 def _load_previous(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -85,6 +92,9 @@ def write_outputs(out: Path, reports: list[dict[str, Any]], settings: dict[str, 
     parts = [f"# spikequant compare: {title}", "", markdown_table(rows, COLUMNS), "",
              "`high-prec. params %`: share of decoder-linear weights not integer-quantized; `wall s`: quantize + "
              "evaluate (the FP reference pass is shared and not included).", ""]
+    note = zeroshot.table_note(reports)
+    if note:
+        parts += [note, ""]
     if pending:
         parts += [f"Not yet run: {', '.join(pending)}", ""]
     kept = [(r["recipe"], r["kept_layers"]) for r in rows if r["kept_layers"]]

@@ -305,3 +305,69 @@ def _quiet_lm_eval() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+# --- Reports: a zero-shot section of a report becomes named cells of its row, and columns/notes of tables.
+
+MEAN_KEY = "zeroshot_mean"
+TASK_PREFIX = "zeroshot/"
+
+
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The named metrics of ``report["zeroshot"]`` (what :meth:`ZeroShotResult.metrics` returned), or {}."""
+    z = report.get("zeroshot")
+    if not z:
+        return {}
+    return {MEAN_KEY: z["mean"], **{f"{TASK_PREFIX}{t}": s["value"] for t, s in z["tasks"].items()}}
+
+
+def table_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """A column per task (by its lm-eval name) that any row carries, then the mean."""
+    tasks: list[str] = []
+    for r in rows:
+        tasks += [k for k in r if k.startswith(TASK_PREFIX) and k not in tasks]
+    if not tasks:
+        return []
+    return [(k, k.removeprefix(TASK_PREFIX)) for k in tasks] + [(MEAN_KEY, "0-shot mean")]
+
+
+def table_note(reports: Sequence[dict[str, Any]]) -> str | None:
+    """One line under a table saying which metric each task column holds and how it was run."""
+    zs = [r["zeroshot"] for r in reports if r.get("zeroshot")]
+    if not zs:
+        return None
+    z = zs[0]
+    by_metric: dict[str, list[str]] = {}
+    for t, s in z["tasks"].items():
+        by_metric.setdefault(s["metric"], []).append(t)
+    metrics = "; ".join(f"{m} for {', '.join(ts)}" for m, ts in by_metric.items())
+    limit = "all examples" if z["limit"] is None else f"limit {z['limit']} examples per task"
+    return (f"Zero-shot accuracy (lm-eval {z['lm_eval_version']}, num_fewshot {z['num_fewshot']}, {limit}, "
+            f"batch size {z['batch_size']}): {metrics} (acc_norm where the task has it, else acc, as QuaRot "
+            "reports); `0-shot mean` is their mean.")
+
+
+def add_arguments(p: Any) -> None:
+    """The zero-shot flags of ``eval`` and ``compare``."""
+    g = p.add_argument_group("zero-shot accuracy (lm-eval)")
+    g.add_argument("--tasks", default=None,
+                   help="lm-eval task names and/or presets, comma-separated: "
+                        + "; ".join(f"{k} = {','.join(v)}" for k, v in TASK_PRESETS.items()))
+    g.add_argument("--tasks-dir", default=None, help="folder of local task YAMLs (lm-eval's include_path)")
+    g.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per question (default: 0)")
+    g.add_argument("--limit", type=int, default=None, help="only the first N examples of each task (quick runs)")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="lm-eval batch size (default: 1, exact for per-tensor dynamic activation scales)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="longest input in tokens (default: the model's max_position_embeddings)")
+
+
+def from_arguments(args: Any) -> ZeroShotEvaluator | None:
+    """The evaluator the flags ask for (None without --tasks); --tasks-dir alone is an error."""
+    if not getattr(args, "tasks", None):
+        if getattr(args, "tasks_dir", None):
+            raise ZeroShotError("--tasks-dir given without --tasks; name the tasks to run")
+        return None
+    return ZeroShotEvaluator(args.tasks, tasks_dir=args.tasks_dir, num_fewshot=args.num_fewshot, limit=args.limit,
+                             batch_size=args.batch_size, max_length=args.max_length,
+                             progress=not getattr(args, "no_progress", False))
