@@ -62,12 +62,13 @@ def _questions(n: int = 8) -> list[dict]:
 def _predictions(model, docs: list[dict]) -> tuple[list[int], list[int]]:
     """The plain reference: each choice's summed log-probability given the question; acc picks the
     largest, acc_norm the largest per character of the choice (lm-eval's definitions)."""
+    tok = _tokenizer()
     preds, preds_norm = [], []
     for d in docs:
-        ctx = [VOCAB[w] for w in d["question"].split()]
+        ctx = tok.encode(d["question"])
         lls = []
         for choice in d["choices"]:
-            cont = [VOCAB[w] for w in choice.split()]
+            cont = tok.encode(choice)
             logp = model(torch.tensor([ctx + cont])).logits[0].double().log_softmax(-1)
             lls.append(float(sum(logp[len(ctx) - 1 + j, c] for j, c in enumerate(cont))))
         preds.append(max(range(len(lls)), key=lambda i: lls[i]))
@@ -142,7 +143,7 @@ def test_rotated_kv_quantized_model_scored_as_held_and_left_unchanged(setup_fp):
     model = tiny_model("qwen2", seed=1, dtype=torch.float64)
     windows = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     quantize(model, load_recipe("quarot-rtn-w4a4kv4"), windows, progress=False)
-    x = torch.tensor([[VOCAB[w] for w in docs[0]["question"].split()]])
+    x = torch.tensor([_tokenizer().encode(docs[0]["question"])])
     with torch.no_grad():
         before = model(x).logits
     res = evaluate(model, _tokenizer(), TASK, tasks_dir=tasks_dir, progress=False)
@@ -213,3 +214,63 @@ def test_bad_settings():
     for kw in ({"limit": 0}, {"batch_size": 0}, {"max_length": 0}, {"num_fewshot": -1}):
         with pytest.raises(ZeroShotError, match="must be >= "):
             ZeroShotEvaluator(["piqa"], **kw)
+
+
+def test_documented_offline_piqa_yaml_runs_from_local_files(tmp_path):
+    """docs/tasks/offline-piqa/piqa.yaml: lm-eval's `piqa` name served from a local JSON-lines file."""
+    pytest.importorskip("lm_eval")
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "tasks" / "offline-piqa" / "piqa.yaml"
+    data = tmp_path / "valid.jsonl"
+    g = torch.Generator().manual_seed(5)
+    rows = [{"goal": " ".join(f"t{int(i)}" for i in torch.randint(2, 96, (4,), generator=g)),
+             "sol1": f"t{2 * k + 2}", "sol2": f"t{2 * k + 3}", "label": k % 2} for k in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "piqa.yaml").write_text(doc.read_text().replace("data/piqa/valid.jsonl", str(data)))
+    model = tiny_model("llama", seed=1, dtype=torch.float64)
+    res = evaluate(model, _tokenizer(), "piqa", tasks_dir=folder, progress=False)
+    # the reference, with lm-eval's prompt for piqa ("Question: ...\nAnswer:" then " <solution>")
+    docs = [{"question": f"Question: {r['goal']}\nAnswer:", "choices": [r["sol1"], r["sol2"]]} for r in rows]
+    preds, preds_norm = _predictions(model, docs)
+    labels = [r["label"] for r in rows]
+    assert res.tasks["piqa"]["samples"] == 4
+    assert res.tasks["piqa"]["acc"] == pytest.approx(_accuracy(preds, labels))
+    assert res.tasks["piqa"]["acc_norm"] == pytest.approx(_accuracy(preds_norm, labels))
+
+
+def test_compare_reports_gain_zero_shot_columns(tmp_path, setup_fp):
+    """compare.json/.md/.png with --tasks: per-task and mean columns, the metric note, the accuracy panel;
+    resuming with other zero-shot settings is refused."""
+    from spikequant.analysis.compare import run_compare
+    from spikequant.data import Text
+    from spikequant.errors import SpikequantError
+    from spikequant.models import LoadedModel
+    from spikequant.pipeline import Session
+    from spikequant.reports import report_markdown
+
+    fp, _, _, tasks_dir = setup_fp
+
+    def session(limit=None) -> Session:
+        s = Session(model_source="tiny", seqlen=16, max_windows=2, progress=False,
+                    zeroshot=ZeroShotEvaluator([TASK], tasks_dir=tasks_dir, limit=limit, progress=False))
+        s._loaded = LoadedModel(tiny_model("llama", seed=1, dtype=torch.float64), _tokenizer(), "tiny", "")
+        s._text = Text("random", "tiny", "generated")
+        s._windows = torch.randint(2, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+        return s
+
+    recipes = [load_recipe("fp"), load_recipe(DESTROY)]
+    reports = run_compare(session(), recipes, tmp_path)
+    direct = evaluate(fp, _tokenizer(), TASK, tasks_dir=tasks_dir, progress=False)
+    assert reports[0]["zeroshot"]["mean"] == pytest.approx(direct.mean)
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    assert rows[0][f"zeroshot/{TASK}"] == rows[0]["zeroshot_mean"] == pytest.approx(direct.mean)
+    assert rows[1]["zeroshot_mean"] == reports[1]["zeroshot"]["mean"]
+    md = (tmp_path / "compare.md").read_text()
+    assert f"| {TASK} | 0-shot mean |" in md and f"acc_norm for {TASK}" in md and "lm-eval 0.4." in md
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"| {TASK} | 0-shot mean |" in report_markdown(reports)
+    with pytest.raises(SpikequantError, match="other settings"):
+        run_compare(session(limit=2), recipes, tmp_path, resume=True)

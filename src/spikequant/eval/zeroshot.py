@@ -82,17 +82,16 @@ def make_task_manager(tasks: Sequence[str], tasks_dir: str | Path | None = None)
     """An lm-eval ``TaskManager`` that knows every name in ``tasks``, with ``tasks_dir``'s YAMLs added.
 
     When ``tasks_dir`` holds all the tasks, lm-eval's own ~15k task configs are not indexed (that index
-    costs tens of seconds); otherwise they are, and ``tasks_dir``'s files take precedence.
+    costs tens of seconds); otherwise they are, and lm-eval gives ``tasks_dir``'s files precedence.
     """
+    if tasks_dir is not None and not Path(tasks_dir).is_dir():
+        raise DataError(f"--tasks-dir {tasks_dir} is not a folder; give the folder holding the task YAML files")
     lm_eval_version()
     from lm_eval.tasks import TaskManager
 
     include = None
     if tasks_dir is not None:
-        folder = Path(tasks_dir)
-        if not folder.is_dir():
-            raise DataError(f"--tasks-dir {folder} is not a folder; give the folder holding the task YAML files")
-        include = str(folder.resolve())
+        include = str(Path(tasks_dir).resolve())
         with _quiet_lm_eval():
             local = TaskManager(include_path=include, include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
