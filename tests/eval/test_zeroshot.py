@@ -189,7 +189,6 @@ def _cli(capsys, tmp_path, *flags: str) -> str:
 
 
 def test_cli_missing_tasks_dir_is_one_line(capsys, tmp_path):
-    pytest.importorskip("lm_eval")
     assert "--tasks-dir" in _cli(capsys, tmp_path, "--tasks", "x", "--tasks-dir", str(tmp_path / "nope"))
     assert "without --tasks" in _cli(capsys, tmp_path, "--tasks-dir", str(tmp_path))
 

@@ -118,7 +118,7 @@ def plot_compare(rows: list[dict[str, Any]], path: str | Path, title: str = "") 
     if with_acc:
         _accuracy_panel(axes[0, 1], rows, ys)
     # A fixed margin for the names: tight_layout costs seconds per figure on a busy CPU.
-    fig.subplots_adjust(left=0.34 if not with_acc else 0.24, right=0.98, top=1 - 0.5 / fig.get_figheight(),
+    fig.subplots_adjust(left=0.34 if not with_acc else 0.16, right=0.98, top=1 - 0.5 / fig.get_figheight(),
                         bottom=0.55 / fig.get_figheight(), wspace=0.05)
     fig.savefig(path, dpi=130)
     plt.close(fig)
