@@ -157,7 +157,10 @@ def test_rotated_kv_quantized_model_scored_as_held_and_left_unchanged(setup_fp):
 
 def test_limit_and_settings_are_reported(setup_fp):
     fp, _, _, tasks_dir = setup_fp
+    torch.manual_seed(123)
+    rng = torch.random.get_rng_state()
     res = evaluate(fp, _tokenizer(), [TASK], tasks_dir=tasks_dir, limit=3, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # lm-eval's seeding is undone
     d = res.to_dict()
     assert d["tasks"][TASK]["samples"] == 3 and d["limit"] == 3 and d["num_fewshot"] == 0
     assert d["lm_eval_version"].startswith("0.4.") and d["tasks_dir"] == tasks_dir
