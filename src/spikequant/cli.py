@@ -8,16 +8,18 @@ from pathlib import Path
 
 from spikequant.cli_args import add_data_args, add_model_args, add_report_args
 from spikequant.errors import SpikequantError
+from spikequant.eval.zeroshot import add_arguments as zeroshot_arguments
 
 DEMO_RECIPES = ("fp", "w8a8-tensor", "w8a8-tensor-static", "w8a8-token")
 
 
 def _session(args: argparse.Namespace):
+    from spikequant.eval.zeroshot import from_arguments
     from spikequant.pipeline import Session
 
     return Session(model_source=args.model, data_dir=args.data_dir, dataset=args.dataset, seqlen=args.seqlen,
                    max_windows=args.max_windows, dtype=args.dtype, device=args.device, kl=not args.no_kl,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, evaluators=from_arguments(args))
 
 
 def _print_table(reports: list[dict]) -> None:
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="preset name or .yaml/.json file (default: fp)")
     add_data_args(p)
     add_report_args(p)
+    zeroshot_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", help="quantize a model by a recipe and save it")

@@ -14,6 +14,7 @@ from typing import Any
 
 from spikequant.analysis.plots import plot_compare
 from spikequant.errors import SpikequantError
+from spikequant.eval import zeroshot
 from spikequant.pipeline import Session
 from spikequant.quant import QuantizedModel
 from spikequant.recipes import Recipe, load_recipe
@@ -36,8 +37,13 @@ def float_linear_share(qm: QuantizedModel | None) -> float | None:
 
 
 def _settings(session: Session) -> dict[str, Any]:
-    return {"model": session.model_source, "dataset": session.dataset, "split": session.split,
-            "seqlen": session.seqlen, "max_windows": session.max_windows, "dtype": session.dtype}
+    settings = {"model": session.model_source, "dataset": session.dataset, "split": session.split,
+                "seqlen": session.seqlen, "max_windows": session.max_windows, "dtype": session.dtype}
+    z = session.evaluator("zeroshot")
+    if z is not None:  # only when asked, so compare.json files without zero-shot still resume
+        settings["zeroshot"] = {"tasks": z.tasks, "tasks_dir": z.tasks_dir, "num_fewshot": z.num_fewshot,
+                                "limit": z.limit, "batch_size": z.batch_size, "max_length": z.max_length}
+    return settings
 
 
 def _load_previous(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -67,6 +73,9 @@ def write_outputs(out: Path, reports: list[dict[str, Any]], settings: dict[str, 
     parts = [f"# spikequant compare: {title}", "", markdown_table(rows, table_columns(reports, compare=True)), "",
              "`high-prec. params %`: share of decoder-linear weights not integer-quantized; `wall s`: quantize + "
              "evaluate (the FP reference pass is shared and not included).", ""]
+    note = zeroshot.table_note(reports)
+    if note:
+        parts += [note, ""]
     if pending:
         parts += [f"Not yet run: {', '.join(pending)}", ""]
     kept = [(r["recipe"], r["kept_layers"]) for r in rows if r["kept_layers"]]

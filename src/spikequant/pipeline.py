@@ -115,6 +115,7 @@ class Session:
             t = time.perf_counter()
             # Data first: a bad --data-dir fails in a second, not after loading the model.
             self._text = load_text(self.dataset, self.split, self.data_dir)
+            self.check_evaluators()  # e.g. lm-eval present, task names known: before the model loads
             self._loaded = load_model(self.model_source, self.dtype, self.device)
             self._windows = eval_windows(tokenize(self._loaded.tokenizer, self._text), self.seqlen, self.max_windows)
             self.load_seconds = time.perf_counter() - t
@@ -172,6 +173,17 @@ class Session:
             evaluation["metrics"].update(kl=0.0, top1=1.0)  # the model is its own reference
         timings["eval_s"] = evaluation["seconds"]
         return self.report(recipe, evaluation, qm, findings, timings), qm
+
+    def check_evaluators(self) -> None:
+        """Run each evaluator's ``check()`` (what can fail before a model is loaded), where it has one."""
+        for ev in self.evaluators:
+            check = getattr(ev, "check", None)
+            if check is not None:
+                check()
+
+    def evaluator(self, name: str) -> Any:
+        """The evaluator called ``name`` in :attr:`evaluators`, or None."""
+        return next((ev for ev in self.evaluators if ev.name == name), None)
 
     def evaluate(self, model: nn.Module, tokenizer: Any, windows: torch.Tensor, reference: Any,
                  recipe: Recipe) -> dict[str, Any]:
@@ -239,6 +251,7 @@ def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recip
     reference (and is only loaded when KL is asked for)."""
     from spikequant.export import load_quantized
 
+    session.check_evaluators()
     t = time.perf_counter()
     loaded, qm, recipe, manifest = load_quantized(path, session.dtype, session.device)
     load_s = time.perf_counter() - t

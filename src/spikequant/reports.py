@@ -10,7 +10,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("spikequant", "torch", "transformers", "safetensors", "gguf", "numpy")
+from spikequant.eval import zeroshot
+
+PACKAGES = ("spikequant", "torch", "transformers", "safetensors", "gguf", "numpy", "lm_eval")
 
 
 def versions() -> dict[str, str]:
@@ -115,9 +117,9 @@ def provenance_markdown(report: dict[str, Any]) -> str:
 
 def report_markdown(reports: list[dict[str, Any]], title: str = "spikequant results") -> str:
     """One markdown document: the metrics table, then the provenance and the recipes."""
-    parts = [f"# {title}", "", markdown_table([result_row(r) for r in reports], table_columns(reports)), "",
-             "## Provenance", "",
-             provenance_markdown(reports[0]), ""]
+    parts = [f"# {title}", "", markdown_table([result_row(r) for r in reports], table_columns(reports)), ""]
+    note = zeroshot.table_note(reports)
+    parts += ([note, ""] if note else []) + ["## Provenance", "", provenance_markdown(reports[0]), ""]
     for r in reports:
         findings = (r.get("quantization") or {}).get("findings")
         parts += [f"### Recipe `{r['recipe']['name']}`", "", "```json", json.dumps(r["recipe"], indent=2), "```", ""]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from spikequant.cli_args import add_data_args, add_model_args
 from spikequant.errors import SpikequantError
+from spikequant.eval.zeroshot import add_arguments as zeroshot_arguments
 
 DEFAULT_COMPARE = ("fp", "w8a8-tensor", "spike-w8a8-tensor", "random-exempt")
 
@@ -67,19 +68,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from spikequant.compare import FILES, fp_ppl, resolve_recipes, run_compare
+    from spikequant.eval.zeroshot import from_arguments
     from spikequant.pipeline import Session
     from spikequant.reports import markdown_table, result_row, table_columns
 
     recipes = resolve_recipes(args.recipes)
     session = Session(model_source=args.model, data_dir=args.data_dir, dataset=args.dataset, split=args.split,
                       seqlen=args.seqlen, max_windows=args.max_windows, dtype=args.dtype, device=args.device,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, evaluators=from_arguments(args))
 
     def show(rep: dict) -> None:
         r = result_row(rep)
         hp = "" if r["hp_share"] is None else f", {100 * r['hp_share']:.2f}% high precision"
         kl = "" if r["kl"] is None else f", KL {r['kl']:.4f}, top-1 {r['top1']:.4f}"
-        print(f"{r['recipe']:34s} PPL {r['ppl']:9.4g}{kl}{hp} ({r['wall_s']:.0f} s)", flush=True)
+        zs = "" if r.get("zeroshot_mean") is None else f", 0-shot mean {r['zeroshot_mean']:.4f}"
+        print(f"{r['recipe']:34s} PPL {r['ppl']:9.4g}{kl}{zs}{hp} ({r['wall_s']:.0f} s)", flush=True)
 
     reports = run_compare(session, recipes, args.output, args.resume, args.overwrite, show)
     fp = fp_ppl(reports)
@@ -119,4 +122,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="folder for compare.json, compare.md and compare.png")
     p.add_argument("--resume", action="store_true", help="skip recipes already in output/compare.json")
     p.add_argument("--overwrite", action="store_true", help="start over even if output/compare.json exists")
+    zeroshot_arguments(p)
     p.set_defaults(func=cmd_compare)

@@ -87,11 +87,15 @@ def plot_spikes(stats: list[LinearStats], detected: list[str], threshold: float,
 
 def plot_compare(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Perplexity per recipe as horizontal bars (log scale), FP and FP + 15 % marked, each bar labelled
-    with its high-precision parameter share; bars within 15 % of FP are green."""
+    with its high-precision parameter share; bars within 15 % of FP are green. When the rows carry a
+    zero-shot mean accuracy, a second panel beside it shows that per recipe."""
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(9.0, 1.2 + 0.32 * len(rows)))
+    with_acc = any(r.get("zeroshot_mean") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(13.0 if with_acc else 9.0, 1.2 + 0.32 * len(rows)),
+                             sharey=True, squeeze=False, gridspec_kw={"width_ratios": [3, 2] if with_acc else [1]})
+    ax = axes[0, 0]
     fp = next((r["ppl"] for r in rows if r["recipe"] == "fp"), None)
     ys = list(range(len(rows)))[::-1]  # first recipe on top
     good = [fp is not None and r["ppl"] <= 1.15 * fp for r in rows]
@@ -112,8 +116,29 @@ def plot_compare(rows: list[dict[str, Any]], path: str | Path, title: str = "") 
     ax.set_xlabel("perplexity (log scale)")
     ax.set_title(title or "recipes compared", fontsize=10)
     ax.grid(True, axis="x", which="both", alpha=0.3)
+    if with_acc:
+        _accuracy_panel(axes[0, 1], rows, ys)
     # A fixed margin for the names: tight_layout costs seconds per figure on a busy CPU.
-    fig.subplots_adjust(left=0.34, right=0.98, top=1 - 0.5 / fig.get_figheight(), bottom=0.55 / fig.get_figheight())
+    fig.subplots_adjust(left=0.34 if not with_acc else 0.16, right=0.98, top=1 - 0.5 / fig.get_figheight(),
+                        bottom=0.55 / fig.get_figheight(), wspace=0.05)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def _accuracy_panel(ax: Any, rows: list[dict[str, Any]], ys: list[int]) -> None:
+    """Mean zero-shot accuracy per recipe (same rows as the perplexity panel), FP's marked."""
+    accs = [r.get("zeroshot_mean") for r in rows]
+    fp = next((r.get("zeroshot_mean") for r in rows if r["recipe"] == "fp"), None)
+    ax.barh([y for y, a in zip(ys, accs, strict=True) if a is not None], [a for a in accs if a is not None],
+            color="#47a", height=0.7)
+    for y, a in zip(ys, accs, strict=True):
+        if a is not None:
+            ax.annotate(f" {100 * a:.1f}%", (a, y), va="center", fontsize=7)
+    if fp is not None:
+        ax.axvline(fp, color="black", lw=0.8, ls="--", label=f"fp {100 * fp:.1f}%")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0, min(1.0, max(a for a in accs if a is not None) * 1.25))
+    ax.set_xlabel("mean zero-shot accuracy")
+    ax.set_title("zero-shot (lm-eval)", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
