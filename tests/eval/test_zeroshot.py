@@ -250,7 +250,6 @@ def test_compare_reports_gain_zero_shot_columns(tmp_path, setup_fp):
     """compare.json/.md/.png with --tasks: per-task and mean columns, the metric note, the accuracy panel;
     resuming with other zero-shot settings is refused."""
     from spikequant.compare import run_compare
-
     from spikequant.data import Text
     from spikequant.errors import SpikequantError
     from spikequant.models import LoadedModel
