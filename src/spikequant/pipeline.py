@@ -90,7 +90,8 @@ class Session:
             # Data first: a bad --data-dir fails in a second, not after loading the model.
             self._text = load_text(self.dataset, self.split, self.data_dir)
             self._loaded = load_model(self.model_source, self.dtype, self.device)
-            self._windows = eval_windows(tokenize(self._loaded.tokenizer, self._text), self.seqlen, self.max_windows)
+            self._windows = eval_windows(tokenize(self._loaded.tokenizer, self._text), self.seqlen, self.max_windows,
+                                         self._text.max_windows)
             self.load_seconds = time.perf_counter() - t
 
     @property
@@ -208,7 +209,7 @@ def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recip
         text = session._text
     else:
         text = load_text(session.dataset, session.split, session.data_dir)
-        windows = eval_windows(tokenize(loaded.tokenizer, text), session.seqlen, session.max_windows)
+        windows = eval_windows(tokenize(loaded.tokenizer, text), session.seqlen, session.max_windows, text.max_windows)
         session._text, session._loaded, session._windows = text, loaded, windows
         reference = None
     res = evaluate(loaded.model, windows, reference, session.progress, desc=f"eval {recipe.name}")
