@@ -154,8 +154,8 @@ def test_quarot_presets_are_quarots_setting():
 
 
 def test_o_online_auto_follows_the_hadamard():
-    from spikequant.algorithms.rotate import Rotate
     from spikequant.algorithms.base import QuantContext
+    from spikequant.algorithms.rotate import Rotate
     from spikequant.transforms import use_precise_norms
     from spikequant.transforms.online import has_online_hadamard
 
