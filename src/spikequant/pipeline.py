@@ -157,7 +157,8 @@ class Session:
             c = recipe.calibration
             hit = self._calib_cache.get((c.dataset, c.split, c.num_samples, c.seqlen, recipe.seed))
             if hit is not None:
-                calib = {**vars(c), "name": hit[1].name, "source": hit[1].source, "sha256": hit[1].sha256}
+                calib = {**vars(c), "name": hit[1].name, "source": hit[1].source, "sha256": hit[1].sha256,
+                         "unk_word_share": hit[1].unk_share}
         return {
             "ppl": res.ppl,
             "kl": res.kl,

@@ -97,3 +97,10 @@ def test_eval_windows_protocol_cap():
     assert eval_windows(ids, 10, protocol_cap=256).shape == (100, 10)
     assert eval_windows(ids, 2, protocol_cap=256).shape == (256, 2)  # C4: the first 256 x seqlen tokens
     assert eval_windows(ids, 2, max_windows=3, protocol_cap=256).shape == (3, 2)
+
+
+def test_unk_share_is_reported(tmp_path):
+    p = tmp_path / "wiki.valid.tokens"
+    p.write_text(" a <unk> b \n \n c <unk> d e f g h\n")
+    t = load_text(str(p))
+    assert t.unk_share == 0.2  # 2 of 10 words

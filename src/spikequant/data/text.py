@@ -24,7 +24,8 @@ from spikequant.errors import DataError
 DATA_ENV = "SPIKEQUANT_DATA_DIR"
 
 # split -> file name in a local WikiText-2 folder. Calibration uses the validation split so that
-# nothing we calibrate on is ever evaluated.
+# nothing we calibrate on is ever evaluated; that file is the tokenized variant, whose rare words are the
+# literal string "<unk>" (Text.unk_share, recorded in every report's calibration entry).
 WIKITEXT2_FILES = {"test": "wiki.test.raw", "validation": "wiki.valid.tokens", "train": "wiki.train.raw"}
 DATASETS = ("wikitext2", "c4")
 
@@ -43,6 +44,13 @@ class Text:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    @property
+    def unk_share(self) -> float:
+        """Share of whitespace-separated words that are the literal ``<unk>`` (5.5 % in
+        ``wiki.valid.tokens``, the tokenized variant we calibrate on): reports state it."""
+        words = self.text.split()
+        return round(words.count("<unk>") / len(words), 4) if words else 0.0
 
 
 def wikitext_rows(raw: str) -> list[str]:
