@@ -72,7 +72,8 @@ def main() -> int:
         rep, _ = session.run(r)
         rot = ((rep.get("quantization") or {}).get("findings") or {}).get("rotation") or {}
         row = {**result_row(rep), "quantize_s": rep["timings"]["quantize_s"], "eval_s": rep["timings"]["eval_s"],
-               "hidden": rot.get("hidden"), "mlp": rot.get("mlp"), "expansion": rot.get("expansion")}
+               "hidden": rot.get("hidden"), "mlp": rot.get("mlp"), "expansion": rot.get("expansion"),
+               "o_online": rot.get("o_online"), "recipe_dict": rep["recipe"], "environment": rep["environment"]}
         rows.append(row)
         kl, top1 = ("-", "-") if row["kl"] is None else (f"{row['kl']:.3f}", f"{row['top1']:.3f}")
         print(f"| {r.name} | {row['ppl']:.2f} | {kl} | {top1} | {row['quantize_s']:.0f} | "

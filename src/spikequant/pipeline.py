@@ -117,7 +117,8 @@ class Session:
             self._text = load_text(self.dataset, self.split, self.data_dir)
             self.check_evaluators()  # e.g. lm-eval present, task names known: before the model loads
             self._loaded = load_model(self.model_source, self.dtype, self.device)
-            self._windows = eval_windows(tokenize(self._loaded.tokenizer, self._text), self.seqlen, self.max_windows)
+            self._windows = eval_windows(tokenize(self._loaded.tokenizer, self._text), self.seqlen, self.max_windows,
+                                         self._text.max_windows)
             self.load_seconds = time.perf_counter() - t
 
     @property
@@ -204,7 +205,8 @@ class Session:
             c = recipe.calibration
             hit = self._calib_cache.get((c.dataset, c.split, c.num_samples, c.seqlen, recipe.seed))
             if hit is not None:
-                calib = {**vars(c), "name": hit[1].name, "source": hit[1].source, "sha256": hit[1].sha256}
+                calib = {**vars(c), "name": hit[1].name, "source": hit[1].source, "sha256": hit[1].sha256,
+                         "unk_word_share": hit[1].unk_share}
         metrics = evaluation["metrics"]
         ppl_info = evaluation["details"]["perplexity"]
         return {
@@ -263,7 +265,7 @@ def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recip
         text = session._text
     else:
         text = load_text(session.dataset, session.split, session.data_dir)
-        windows = eval_windows(tokenize(loaded.tokenizer, text), session.seqlen, session.max_windows)
+        windows = eval_windows(tokenize(loaded.tokenizer, text), session.seqlen, session.max_windows, text.max_windows)
         session._text, session._loaded, session._windows = text, loaded, windows
         reference = None
     evaluation = session.evaluate(loaded.model, loaded.tokenizer, windows, reference, recipe)

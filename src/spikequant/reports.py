@@ -25,12 +25,25 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU model (quantized perplexities move ~1-1.5 % between CPUs, so every report names it)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
     import torch
 
     return {
         "versions": versions(),
         "platform": platform.platform(),
+        "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "command": " ".join(["spikequant", *sys.argv[1:]]) if sys.argv else "",

@@ -97,7 +97,9 @@ def test_rotation_lowers_w4a4_error_on_a_spiky_model():
 
 
 def test_clip_ratios_are_addressable_and_cheap_to_change(tmp_path):
-    model, qm, _, before = _run("qwen2", load_recipe("quarot-rtn-w4a4kv4"))
+    data = load_recipe("quarot-rtn-w4a4kv4").to_dict()  # without the online o_proj Hadamard, so the hook
+    next(m for m in data["modifiers"] if m["type"] == "rotate")["o_online"] = False  # sees the raw input
+    model, qm, _, before = _run("qwen2", load_recipe(data))
     index = activation_quantizers(qm)
     for layer in range(2):
         for key in QUANTIZER_KEYS:
@@ -186,3 +188,37 @@ def test_kv_only_recipe_ratio_file_loads_back(tmp_path):
     model, qm2, _, _ = _run("qwen3", load_recipe(data))
     assert clip_ratios(qm2) == saved
     assert installed_attention_transforms(model)[1].v_quantizer.spec.clip_ratio == 0.7
+
+
+def test_quarot_presets_are_quarots_setting():
+    """QuaRot (spcl/QuaRot fake_quant): online Hadamard on every o_proj input, GPTQ without act-order,
+    KV asymmetric one group per head; our earlier choices stay as named presets."""
+    for name in ("quarot-w4a4kv4", "quarot-w3a3kv3", "quarot-rtn-w4a4kv4", "quarot-rtn-w3a3kv3"):
+        mods = {m.type: m for m in load_recipe(name).modifiers}
+        assert mods["rotate"].o_online == "auto"
+        assert mods["kv_cache"].symmetric is False and mods["kv_cache"].v_group == "head"
+        if "gptq" in mods:
+            assert mods["gptq"].act_order is False
+    ours = {m.type: m for m in load_recipe("quarot-w4a4kv4-ours").modifiers}
+    assert ours["rotate"].o_online is False and ours["gptq"].act_order is True
+    seed = {m.type: m for m in load_recipe("quarot-w4a4kv4-seedkv").modifiers}
+    assert seed["kv_cache"].symmetric is True and seed["kv_cache"].v_group == "token"
+
+
+def test_o_online_auto_follows_the_hadamard():
+    from spikequant.algorithms.base import QuantContext
+    from spikequant.algorithms.rotate import Rotate
+    from spikequant.transforms import use_precise_norms
+    from spikequant.transforms.online import has_online_hadamard
+
+    ids = WINDOWS[:2]
+    for overrides, on in (({}, True), ({"num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 6}, False)):
+        model = use_precise_norms(tiny_model("llama", seed=2, dtype=torch.float64, **overrides))
+        before = model(ids).logits
+        ctx = QuantContext(model=model, calibration_windows=lambda: ids, seed=0, progress=False)
+        Rotate(r2=on, r3=on, o_online="auto").apply(ctx)  # 4 x 12 = 48 has a Hadamard, 3 x 6 = 18 has none
+        assert ctx.findings["rotation"]["o_online_auto"] is on
+        assert has_online_hadamard(model, "o_proj") is on
+        assert (model(ids).logits - before).abs().max() <= 1e-9
+    with pytest.raises(RecipeError, match="o_online must be true, false or auto"):
+        load_recipe({"name": "x", "modifiers": [{"type": "rotate", "o_online": "yes"}]})

@@ -46,7 +46,7 @@ def test_folded_scales_match_the_formula_and_fp64_logits_are_unchanged(arch, alp
         before = model(ids).logits
     old = {k: v.clone() for k, v in model.state_dict().items()}
     want = _hand_scales(model, ids[:1], alpha)
-    report = smooth_model(model, ids[:1], alpha=alpha, progress=False)
+    report = smooth_model(model, ids[:1], alpha=alpha, down=True, o=True, progress=False)
     new = model.state_dict()
     group = model.config.num_attention_heads // model.config.num_key_value_heads
 
@@ -91,7 +91,7 @@ def test_smoothing_flattens_an_activation_outlier():
         lambda m, a: seen.__setitem__("x", a[0].detach().abs().amax((0, 1))))
     model(ids)
     ratio_before = float(seen["x"].max() / seen["x"].median())
-    smooth_model(model, ids, alpha=0.5, smooth_o=False, progress=False)
+    smooth_model(model, ids, alpha=0.5, progress=False)
     model(ids)
     h.remove()
     assert float(seen["x"].max() / seen["x"].median()) < ratio_before / 5
@@ -103,11 +103,53 @@ def test_modifier_in_a_recipe_keeps_fp64_logits_with_full_heads():
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
     before = model(ids).logits
     o_before = model.model.layers[1].self_attn.o_proj.weight.clone()
-    recipe = load_recipe({"name": "sq-only", "modifiers": [{"type": "smoothquant", "alpha": 0.8, "num_samples": 2}]})
+    recipe = load_recipe({"name": "sq-only", "modifiers": [{"type": "smoothquant", "alpha": 0.8, "num_samples": 2,
+                                                            "down": True, "o": True}]})
     _, findings = quantize(model, recipe, ids)
     assert findings["smoothquant"]["alpha"] == 0.8
     assert not torch.equal(model.model.layers[1].self_attn.o_proj.weight, o_before)
     assert (model(ids).logits - before).abs().max() <= 1e-9
+
+
+PAPER = ["smoothquant-w8a8-tensor", "smoothquant-w8a8-tensor-static", "smoothquant-spike-w8a8-tensor",
+         "smoothquant-spike-w8a8-tensor-static"]
+NORM_READERS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"]
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if ".layers." in k}
+
+
+@pytest.mark.parametrize("preset", PAPER + [p.replace("smoothquant-", "smoothquant-ext-") for p in PAPER])
+def test_presets_fold_what_they_say(preset):
+    """The paper's presets (smooth_lm) change the two norms and their readers q/k/v, gate/up, nothing
+    else; the extended (ours) presets also change o_proj and down_proj (through v_proj / up_proj rows)."""
+    sq = [m for m in load_recipe(preset).modifiers if m.type == "smoothquant"]
+    assert len(sq) == 1
+    model = tiny_model("llama", dtype=torch.float64)
+    ids = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(5))
+    before_logits = model(ids).logits
+    before = _weights(model)
+    quantize(model, load_recipe({"name": "sq", "modifiers": [sq[0].to_dict()]}), ids, progress=False)
+    after = _weights(model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    ext = "-ext-" in preset
+    for i in range(len(model.model.layers)):
+        pre = f"model.layers.{i}."
+        expect = {pre + "input_layernorm.weight", pre + "post_attention_layernorm.weight"}
+        expect |= {pre + p + ".weight" for p in NORM_READERS}
+        if ext:
+            expect |= {pre + "self_attn.o_proj.weight", pre + "mlp.down_proj.weight"}
+        assert {k for k in changed if k.startswith(pre)} == expect, preset
+    assert (model(ids).logits - before_logits).abs().max() <= 1e-9
+
+
+def test_default_statistics_use_all_calibration_windows():
+    model = tiny_model("llama", dtype=torch.float64)
+    ids = torch.randint(0, 96, (5, 8), generator=torch.Generator().manual_seed(6))
+    _, findings = quantize(model, load_recipe("smoothquant-w8a8-tensor"), ids, progress=False)
+    assert findings["smoothquant"]["windows"] == 5 and findings["smoothquant"]["tokens"] == 40
+    assert findings["smoothquant"]["folds"] == ["qkv", "gate_up"]
 
 
 def test_bad_alpha_is_a_recipe_error():
@@ -118,3 +160,5 @@ def test_bad_alpha_is_a_recipe_error():
 def test_bad_num_samples_is_a_recipe_error():
     with pytest.raises(RecipeError, match="num_samples must be a positive integer, got 0"):
         load_recipe({"name": "x", "modifiers": [{"type": "smoothquant", "num_samples": 0}]})
+    with pytest.raises(RecipeError, match="down must be true or false"):
+        load_recipe({"name": "x", "modifiers": [{"type": "smoothquant", "down": "yes"}]})

@@ -1,5 +1,6 @@
 """A few end-to-end checks on the real default model (SmolLM2-135M) with few tokens."""
 
+import hashlib
 import json
 import math
 
@@ -24,7 +25,10 @@ def test_fp_ppl_matches_hf_loss(session):
         losses = [model(w[None], labels=w[None]).loss.item() for w in session.windows]
     assert math.isclose(rep["ppl"], math.exp(sum(losses) / len(losses)), rel_tol=1e-4)
     assert 20 < rep["ppl"] < 60
-    assert rep["data_sha256"].startswith("bbf94c53")
+    # the evaluated string: the shared wiki.test.raw (sha256 bbf94c53...) as the hub's "\n\n".join(rows)
+    assert rep["data"]["source"].endswith("wiki.test.raw")
+    assert rep["data_sha256"] == hashlib.sha256(session._text.text.encode()).hexdigest()
+    assert session._text.text.startswith(" = Robert Boulter = \n\n\n Robert Boulter is")
 
 
 def test_spikes_break_per_tensor_but_not_per_token(session):

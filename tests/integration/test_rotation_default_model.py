@@ -21,5 +21,7 @@ def test_rotation_alone_keeps_the_model(session):
 
 def test_hadamard_rotation_rescues_w4a4kv4(session):
     norot = session.run(load_recipe("norot-w4a4kv4"))[0]["ppl"]
-    quarot = session.run(load_recipe("quarot-rtn-w4a4kv4"))[0]["ppl"]
-    assert quarot < norot / 10
+    rep = session.run(load_recipe("quarot-rtn-w4a4kv4"))[0]
+    assert rep["ppl"] < norot / 10
+    # QuaRot's setting: the online o_proj Hadamard is on (9 heads x 64 = 576 has a Hadamard, 36·16)
+    assert rep["quantization"]["findings"]["rotation"]["o_online_auto"] is True

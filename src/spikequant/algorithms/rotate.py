@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from spikequant.algorithms.base import Modifier, QuantContext, register
 from spikequant.errors import RecipeError
-from spikequant.models import model_dims
+from spikequant.hadamard import is_constructible
+from spikequant.models import decoder_layers, get_arch, model_dims
 from spikequant.quant.spec import QuantSpec
 from spikequant.transforms import RotationConfig, install_kv_quantizers, rotate_model
 from spikequant.transforms.rotation import ROTATION_KINDS
@@ -21,7 +22,10 @@ from spikequant.transforms.rotation import ROTATION_KINDS
 @dataclass
 class Rotate(Modifier):
     """R1 (``hadamard``: randomized Hadamard, ``random``: Haar, ``none``), R2 per head, online R3 and R4;
-    ``o_online``: also an online Hadamard on the o_proj input across all heads (QuaRot's cross-head step).
+    ``o_online``: also an online Hadamard on the o_proj input across all heads (QuaRot's cross-head step,
+    ``spcl/QuaRot`` ``fake_quant/main.py``: ``online_partial_had`` on every o_proj). ``true`` needs a
+    Hadamard of heads x head_dim and fails without one; ``auto`` turns it on where that Hadamard exists
+    and off (reported in the findings) where it does not.
 
     ``seed`` (default: the recipe's) seeds R1/R2. ``expand``: ``{hidden: d, mlp: d'}`` extra widths; a
     dimension with no Hadamard construction is expanded automatically to the next constructible size.
@@ -32,7 +36,7 @@ class Rotate(Modifier):
     r2: bool = True
     r3: bool = True
     r4: bool = True
-    o_online: bool = False
+    o_online: bool | str = False
     seed: int | None = None
     expand: dict[str, int] = field(default_factory=dict)
 
@@ -41,12 +45,20 @@ class Rotate(Modifier):
             raise ValueError(f"r1 {self.r1!r} not one of {', '.join(ROTATION_KINDS)}")
         if not isinstance(self.expand, dict):
             raise ValueError(f"expand must be a mapping like {{hidden: 64, mlp: 0}}, got {self.expand!r}")
-        RotationConfig(self.r1, self.r2, self.r3, self.r4, 0, dict(self.expand), self.o_online)  # validates the keys
+        if self.o_online not in (True, False, "auto"):
+            raise ValueError(f"o_online must be true, false or auto, got {self.o_online!r}")
+        RotationConfig(self.r1, self.r2, self.r3, self.r4, 0, dict(self.expand))  # validates the keys
 
     def apply(self, ctx: QuantContext) -> None:
         seed = ctx.seed if self.seed is None else self.seed
-        cfg = RotationConfig(self.r1, self.r2, self.r3, self.r4, seed, dict(self.expand), self.o_online)
+        o_online = self.o_online
+        if o_online == "auto":
+            o_online = is_constructible(decoder_layers(ctx.model)[0].get_submodule(get_arch(ctx.model).o_proj)
+                                        .in_features)
+        cfg = RotationConfig(self.r1, self.r2, self.r3, self.r4, seed, dict(self.expand), bool(o_online))
         ctx.findings["rotation"] = rotate_model(ctx.model, cfg)
+        if self.o_online == "auto":
+            ctx.findings["rotation"]["o_online_auto"] = bool(o_online)
 
 
 GROUPINGS = ("head", "token")

@@ -1,9 +1,14 @@
 """SmoothQuant (Xiao et al., 2023) as a baseline: migrate activation range into the weights.
 
 For a linear fed by x, per input channel j: s_j = max|x_j|^α / max|W_{:,j}|^(1-α); x_j / s_j and
-W_{:,j} · s_j leave the product unchanged. The division is folded into whatever produces x — the RMSNorm
-weight (q/k/v, gate/up), the up_proj rows (down_proj, since act(gate)·up is linear in up) and the v_proj
-rows (o_proj, per KV head, shared by the query heads of a GQA group) — so the FP model is unchanged.
+W_{:,j} · s_j leave the product unchanged. The division is folded into whatever produces x, so the FP
+model is unchanged.
+
+The paper's setting (``mit-han-lab/smoothquant``, ``smoothquant/smooth.py``, ``smooth_lm``, which the
+spike-aware paper's code calls) folds only the two RMSNorms: ``input_layernorm`` into q/k/v and
+``post_attention_layernorm`` into gate/up. That is the default here. Two further folds are ours and
+opt-in: ``down`` (the up_proj rows, since act(gate)·up is linear in up) and ``o`` (the v_proj rows, per KV
+head, shared by the query heads of a GQA group).
 """
 
 from __future__ import annotations
@@ -46,13 +51,17 @@ def _scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) ->
 
 
 @torch.no_grad()
-def smooth_model(model: nn.Module, windows: torch.Tensor, alpha: float = 0.5, smooth_o: bool = True,
-                 progress: bool = True) -> dict[str, float]:
-    """Fold SmoothQuant scales into ``model`` in place; returns the largest scale per linear group."""
+def smooth_model(model: nn.Module, windows: torch.Tensor, alpha: float = 0.5, down: bool = False,
+                 o: bool = False, progress: bool = True) -> dict[str, float]:
+    """Fold SmoothQuant scales into ``model`` in place; returns the largest scale per linear group.
+
+    Always the two norm folds (the paper's ``smooth_lm``); ``down`` / ``o`` add ours into up_proj / v_proj.
+    """
     arch = get_arch(model)
     dims = model_dims(model)
     # the first reader of each norm stands for all of them (they read the same tensor)
-    paths = [c[0] for _, c in arch.norm_consumers] + [arch.down_proj] + ([arch.o_proj] if smooth_o else [])
+    paths = ([c[0] for _, c in arch.norm_consumers] + ([arch.down_proj] if down else [])
+             + ([arch.o_proj] if o else []))
     stats = channel_maxima(model, windows, paths, progress)
     report: dict[str, float] = {}
     for i, layer in enumerate(decoder_layers(model)):
@@ -67,25 +76,26 @@ def smooth_model(model: nn.Module, windows: torch.Tensor, alpha: float = 0.5, sm
             for w in ws:
                 w.mul_(s.to(w.dtype))
             report[f"{i}.{norm_path}"] = float(s.max())
-        # down_proj: x = act(gate) * up, so dividing up's output rows divides x.
-        up, down = lin(arch.up_proj), lin(arch.down_proj)
-        s = _scales(stats[(i, arch.down_proj)], [down.weight], alpha)
-        up.weight.div_(s.to(up.weight.dtype)[:, None])
-        if up.bias is not None:
-            up.bias.div_(s.to(up.bias.dtype))
-        down.weight.mul_(s.to(down.weight.dtype))
-        report[f"{i}.{arch.down_proj}"] = float(s.max())
-        if smooth_o:
+        if down:
+            # down_proj: x = act(gate) * up, so dividing up's output rows divides x.
+            up, dn = lin(arch.up_proj), lin(arch.down_proj)
+            s = _scales(stats[(i, arch.down_proj)], [dn.weight], alpha)
+            up.weight.div_(s.to(up.weight.dtype)[:, None])
+            if up.bias is not None:
+                up.bias.div_(s.to(up.bias.dtype))
+            dn.weight.mul_(s.to(dn.weight.dtype))
+            report[f"{i}.{arch.down_proj}"] = float(s.max())
+        if o:
             # o_proj input channel (head h, d) is V channel (h // group, d): one scale per KV channel.
-            v, o = lin(arch.v_proj), lin(arch.o_proj)
+            v, op = lin(arch.v_proj), lin(arch.o_proj)
             group = dims.num_heads // dims.num_kv_heads
             a = stats[(i, arch.o_proj)].view(dims.num_kv_heads, group, dims.head_dim).amax(1)
-            wm = o.weight.detach().abs().amax(0).float().view(dims.num_kv_heads, group, dims.head_dim).amax(1)
+            wm = op.weight.detach().abs().amax(0).float().view(dims.num_kv_heads, group, dims.head_dim).amax(1)
             s_kv = (a.clamp(min=1e-5).pow(alpha) / wm.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
             v.weight.div_(s_kv.flatten().to(v.weight.dtype)[:, None])
             if v.bias is not None:
                 v.bias.div_(s_kv.flatten().to(v.bias.dtype))
-            o.weight.mul_(s_kv.repeat_interleave(group, 0).flatten().to(o.weight.dtype))
+            op.weight.mul_(s_kv.repeat_interleave(group, 0).flatten().to(op.weight.dtype))
             report[f"{i}.{arch.o_proj}"] = float(s_kv.max())
     return report
 
@@ -93,19 +103,34 @@ def smooth_model(model: nn.Module, windows: torch.Tensor, alpha: float = 0.5, sm
 @register
 @dataclass
 class SmoothQuant(Modifier):
-    """Fold SmoothQuant scales (migration strength ``alpha``) from ``num_samples`` calibration windows."""
+    """``{type: smoothquant, alpha: 0.5, num_samples: null, down: false, o: false}``
+
+    Fold SmoothQuant scales (migration strength ``alpha``) computed as the per-channel max |x| over
+    ``num_samples`` calibration windows (default ``null``: all of the recipe's calibration windows, 32 x
+    512 tokens by default; the paper's code used 512 x 512 tokens of the Pile validation set). The
+    default folds are the paper's two (norms into q/k/v and gate/up); ``down: true`` and ``o: true`` add
+    ours (down_proj through up_proj rows, o_proj through v_proj rows)."""
 
     type = "smoothquant"
     alpha: float = 0.5
-    num_samples: int = 16
-    smooth_o: bool = True
+    num_samples: int | None = None
+    down: bool = False
+    o: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        require_positive_int(self.num_samples, "num_samples")
+        if self.num_samples is not None:
+            require_positive_int(self.num_samples, "num_samples")
+        for name in ("down", "o"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def apply(self, ctx: QuantContext) -> None:
-        rep = smooth_model(ctx.model, ctx.calibration_windows()[: self.num_samples], self.alpha, self.smooth_o,
-                           ctx.progress)
-        ctx.findings["smoothquant"] = {"alpha": self.alpha, "max_scale": max(rep.values())}
+        windows = ctx.calibration_windows()
+        if self.num_samples is not None:
+            windows = windows[: self.num_samples]
+        rep = smooth_model(ctx.model, windows, self.alpha, self.down, self.o, ctx.progress)
+        ctx.findings["smoothquant"] = {"alpha": self.alpha, "max_scale": max(rep.values()),
+                                       "windows": int(windows.shape[0]), "tokens": int(windows.numel()),
+                                       "folds": ["qkv", "gate_up"] + ["down"] * self.down + ["o"] * self.o}

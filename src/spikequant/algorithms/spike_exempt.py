@@ -21,14 +21,18 @@ PRECISIONS = ("float", "fp8_e4m3", "fp8_e5m2")
 
 def exemption_slots(precision: str, dynamic: bool = True) -> dict[str, QuantSpec | None]:
     """What a kept layer gets: float (weights, inputs and outputs unquantized: float on every side), FP8
-    E4M3 with per-tensor scales for weights and activations, or the unscaled FP8 E5M2 cast."""
+    E4M3 with per-tensor scales for weights and activations (ours), or the paper code's variant: the
+    *inputs* cast to FP8 E5M2 with no scale while the weights keep the recipe's weight quantization, int8
+    per channel like every other layer (``lucasmaisonnave/Gradual-Binary-Search``,
+    ``PWIM/smoothquant/smoothquant/fake_quant.py``: ``W8A8Linear.from_float`` quantizes the weight per
+    channel whatever ``spike`` is, and ``spike='FP8'`` only changes the activation quantizer)."""
     if precision == "float":
         return {"weights": None, "inputs": None, "outputs": None}
     if precision == "fp8_e4m3":
         return {"weights": QuantSpec(format="fp8_e4m3", granularity="tensor"),
                 "inputs": QuantSpec(format="fp8_e4m3", granularity="tensor", dynamic=dynamic)}
     if precision == "fp8_e5m2":
-        return {"weights": QuantSpec(format="fp8_e5m2"), "inputs": QuantSpec(format="fp8_e5m2")}
+        return {"inputs": QuantSpec(format="fp8_e5m2")}
     raise RecipeError(f"precision {precision!r} not one of {', '.join(PRECISIONS)}")
 
 

@@ -47,7 +47,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise SpikequantError(f"{out / clash[0]} exists; pass --overwrite or choose another --output")
     text = load_text(args.dataset, args.split, args.data_dir)
     loaded = load_model(args.model, args.dtype, args.device)
-    windows = eval_windows(tokenize(loaded.tokenizer, text), args.seqlen, args.max_windows)
+    windows = eval_windows(tokenize(loaded.tokenizer, text), args.seqlen, args.max_windows, text.max_windows)
     result = analyze(loaded.model, windows, loaded.tokenizer, rule, args.percentile, args.top_tokens,
                      not args.no_progress, args.outliers)
     prov = {"model": args.model, "data": {"name": text.name, "source": text.source, "sha256": text.sha256,

@@ -5,8 +5,11 @@ from spikequant.data.text import (
     Text,
     calibration_windows,
     eval_windows,
+    hub_join,
     load_text,
     tokenize,
+    wikitext_rows,
 )
 
-__all__ = ["DATA_ENV", "Text", "calibration_windows", "eval_windows", "load_text", "tokenize"]
+__all__ = ["DATA_ENV", "Text", "calibration_windows", "eval_windows", "hub_join", "load_text", "tokenize",
+           "wikitext_rows"]
