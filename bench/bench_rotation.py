@@ -20,6 +20,7 @@ import torch
 from common import model_data_args
 from spikequant.pipeline import Session
 from spikequant.recipes import Recipe, load_recipe
+from spikequant.reports import environment, set_entry_command
 
 
 def with_expansion(recipe: Recipe, expand: dict[str, int]) -> Recipe:
@@ -49,6 +50,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
+    set_entry_command(" ".join(["python", *sys.argv]))
 
     recipes = []
     for name in args.recipes:
@@ -81,7 +83,7 @@ def main() -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=2)
+            json.dump({"command": " ".join(sys.argv), "rows": rows, "environment": environment()}, f, indent=2)
     return 0
 
 
