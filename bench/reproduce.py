@@ -211,6 +211,12 @@ def guess_format(data: Any) -> str:
 
 
 def read_metrics(path: Path, fmt: str | None = None) -> dict[str, dict[str, float]]:
+    """Metrics from one JSON output, or from every JSON file in a folder (e.g. one `eval --json` per recipe)."""
+    if path.is_dir():
+        merged: dict[str, dict[str, float]] = {}
+        for f in sorted(path.glob("*.json")):
+            merged.update(read_metrics(f, fmt))
+        return merged
     data = json.loads(path.read_text(encoding="utf-8"))
     return metrics_of(data, fmt or guess_format(data))
 
@@ -343,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true", help="skip a command whose JSON already holds its recipes")
     ap.add_argument("--no-run", action="store_true", help="run nothing; compare what --results already holds")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
-                    help="another measurement (demo/compare/bench JSON) shown as a column, e.g. another CPU")
+                    help="another measurement (a demo/compare/eval/bench JSON, or a folder of them) shown as a "
+                         "column, e.g. another CPU or kernel selection")
     ap.add_argument("--check-docs", action="store_true", help="only check reproduce.yaml against the docs tables")
     args = ap.parse_args(argv)
 
@@ -368,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     for e in args.extra:
         name, _, path = e.partition("=")
         if not path or not Path(path).exists():
-            print(f"--extra {e!r}: give NAME=PATH to an existing JSON file", file=sys.stderr)
+            print(f"--extra {e!r}: give NAME=PATH to an existing JSON file or folder", file=sys.stderr)
             return 2
         extras[name] = read_metrics(Path(path))
     results = Path(args.results)

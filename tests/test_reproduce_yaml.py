@@ -88,3 +88,12 @@ def test_metrics_of_each_output_format():
                                                   "max_in_rest": 5.0, "max_in_bulk": 1.0}]}
     m = reproduce.metrics_of(spikes, reproduce.guess_format(spikes))
     assert m["layers.1.mlp.down_proj"]["x_median"] == 5.0
+
+
+def test_extra_measurements_from_a_folder_of_eval_reports(tmp_path):
+    for name, ppl in (("a", 70.0), ("b", 40.0)):
+        rep = {"ppl": ppl, "kl": None, "top1": None, "recipe": {"name": name},
+               "quantization": {"high_precision_share": 0.0, "effective_weight_bits": 8.0}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+    m = reproduce.read_metrics(tmp_path)
+    assert m["a"]["ppl"] == 70.0 and m["b"]["ppl"] == 40.0
