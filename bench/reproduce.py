@@ -35,7 +35,8 @@ from doctables import clean, doc_tables, find_table, numbers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "docs" / "reproduce.yaml"
-DOCS = ["README.md", "docs/spike-aware.md", "docs/rotation.md", "docs/hadamard.md", "docs/benchmarks.md"]
+# Every markdown page: a new doc with a table of numbers fails the check until reproduce.yaml accounts for it.
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
 
 @dataclass
@@ -283,12 +284,13 @@ def within(c: Check, today: float, spec: dict[str, Any]) -> tuple[bool, float]:
     return abs(today - c.documented) <= allowed + 1e-12, allowed
 
 
-def fmt(v: float | None) -> str:
+def fmt(v: float | None, digits: int = 4) -> str:
+    """Like the docs (4 significant digits); measured values get ``digits=6`` so small moves show."""
     if v is None:
         return "–"
-    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-        return f"{v:.4g}"
-    return f"{v:.4g}" if abs(v) >= 1 else f"{v:.4f}"
+    if v != 0 and (abs(v) >= 1e7 or abs(v) < 1e-3):
+        return f"{v:.{digits}g}"
+    return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.4f}"
 
 
 def compare(spec: dict[str, Any], checks: list[Check], measured: dict[str, dict[str, dict[str, float]]],
@@ -301,7 +303,7 @@ def compare(spec: dict[str, Any], checks: list[Check], measured: dict[str, dict[
         if today is None:
             missing += 1
             rows.append([c.doc, c.label, c.column, fmt(c.documented), "not run", "", "", c.klass, "",
-                         *[fmt(o) for o in others], ""])
+                         *[fmt(o, 6) for o in others], ""])
             continue
         ok, allowed = within(c, today, spec)
         bad += not ok
@@ -318,8 +320,8 @@ def compare(spec: dict[str, Any], checks: list[Check], measured: dict[str, dict[
             shown = "±" + fmt(allowed)
         else:
             shown = f"±{100 * allowed / abs(c.documented):.2f} %" if c.documented else f"±{fmt(allowed)}"
-        rows.append([c.doc, c.label, c.column, fmt(c.documented), fmt(today), diff, shown, c.klass,
-                     "ok" if ok else "OUTSIDE", *[fmt(o) for o in others], spread])
+        rows.append([c.doc, c.label, c.column, fmt(c.documented), fmt(today, 6), diff, shown, c.klass,
+                     "ok" if ok else "OUTSIDE", *[fmt(o, 6) for o in others], spread])
     return rows, bad, missing
 
 
