@@ -41,14 +41,17 @@ class TransformersVersionError(SpikequantError):
     pass
 
 
+def _installed_transformers() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def check_transformers(version: str | None = None) -> None:
     """Raise a one-line error when ``version`` (default: the installed transformers) is outside the tested range."""
     from packaging.version import Version
 
-    if version is None:
-        import transformers
-
-        version = transformers.__version__
+    version = version or _installed_transformers()
     low, high = TESTED_TRANSFORMERS
     if not Version(low) <= Version(version) < Version(high):
         raise TransformersVersionError(
