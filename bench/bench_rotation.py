@@ -20,7 +20,7 @@ import torch
 from common import model_data_args
 from spikequant.pipeline import Session
 from spikequant.recipes import Recipe, load_recipe
-from spikequant.reports import result_row
+from spikequant.reports import environment, result_row, set_entry_command
 
 
 def with_expansion(recipe: Recipe, expand: dict[str, int]) -> Recipe:
@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--no-kl", action="store_true", help="skip the FP reference pass (PPL only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    set_entry_command(" ".join(["python", *sys.argv]))
 
     recipes = []
     for name in args.recipes:
@@ -81,7 +82,7 @@ def main() -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=2)
+            json.dump({"command": " ".join(sys.argv), "rows": rows, "environment": environment()}, f, indent=2)
     return 0
 
 

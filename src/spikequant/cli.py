@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -130,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spikequant import reports
+
     args = build_parser().parse_args(argv)
+    previous = reports.ENTRY_COMMAND
+    reports.set_entry_command(shlex.join(["spikequant", *(sys.argv[1:] if argv is None else argv)]))
     try:
         return int(args.func(args) or 0)
     except SpikequantError as e:
@@ -139,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spikequant: interrupted", file=sys.stderr)
         return 130
+    finally:
+        reports.set_entry_command(previous)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from spikequant.eval import zeroshot
 
-PACKAGES = ("spikequant", "torch", "transformers", "safetensors", "gguf", "numpy", "lm_eval")
+PACKAGES = ("spikequant", "torch", "transformers", "tokenizers", "accelerate", "safetensors", "gguf", "numpy",
+            "lm_eval")
+
+# The command line that started this process, set by the ``spikequant`` CLI (and the bench scripts) when
+# they are the entry point; a report made through the Python API says so instead of guessing from sys.argv.
+ENTRY_COMMAND: str | None = None
+
+# CPU features that decide which int8 / bf16 / fp16 kernels oneDNN, MKL and ATen pick (x86 and Arm names).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
+                "amx_bf16", "asimddp", "i8mm", "bf16", "sve", "sve2")
+# Environment variables that change kernel selection or threading, hence float32 summation order.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+              "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR")
 
 
 def versions() -> dict[str, str]:
@@ -25,16 +37,44 @@ def versions() -> dict[str, str]:
     return out
 
 
-def cpu_name() -> str:
-    """The CPU model (quantized perplexities move ~1-1.5 % between CPUs, so every report names it)."""
+def set_entry_command(command: str | None) -> None:
+    """Record the command line of this process in every later report (called by the CLI entry points)."""
+    global ENTRY_COMMAND
+    ENTRY_COMMAND = command
+
+
+def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, set[str]]:
+    """The CPU model name and flags from /proc/cpuinfo (Linux); (None, empty) elsewhere."""
+    model, flags = None, set()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if model is None and key in ("model name", "cpu model", "hardware"):
+            model = value.strip()
+        elif not flags and key in ("flags", "features"):
+            flags = set(value.split())
+    return model, flags
+
+
+def cpu_info() -> dict[str, Any]:
+    """What quantized numbers depend on: the CPU model, its int8/bf16 features and the kernels torch picks
+    (torch's CPU capability, threads, and the kernel-selection variables that are set)."""
+    import torch
+
+    model, flags = _cpuinfo()
+    return {
+        "model": model or platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "features": [f for f in CPU_FEATURES if f in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
+    }
 
 
 def environment() -> dict[str, Any]:
@@ -43,12 +83,23 @@ def environment() -> dict[str, Any]:
     return {
         "versions": versions(),
         "platform": platform.platform(),
-        "cpu": cpu_name(),
+        "cpu": cpu_info(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "command": " ".join(["spikequant", *sys.argv[1:]]) if sys.argv else "",
+        "command": ENTRY_COMMAND or "python API",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def cpu_line(env: dict[str, Any]) -> str:
+    """One line for a report: CPU model, features, torch capability, threads, kernel variables."""
+    c = env.get("cpu")
+    if not c:
+        return f"unknown (report written before CPU details were recorded), {env.get('torch_threads')} torch threads"
+    extra = ", ".join(f"{k}={v}" for k, v in c.get("env", {}).items())
+    return (f"{c['model']} ({c['machine']}; {', '.join(c['features']) or 'no int8/bf16 features listed'}), "
+            f"torch capability {c['torch_capability']}, {c['threads']} torch threads of {c['cores']} cores"
+            + (f", {extra}" if extra else ""))
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -122,6 +173,7 @@ def provenance_markdown(report: dict[str, Any]) -> str:
         f"{d['seqlen']} tokens",
         f"- seed: {report['seed']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        f"- CPU: {cpu_line(env)}",
         f"- command: `{env['command']}`",
         f"- created: {env['created']}",
     ]

@@ -37,3 +37,30 @@ def test_kl_and_top1_against_reference():
     assert math.isclose(res.top1, agree / 30)
     cached = evaluate(model, windows, reference=reference_logprobs(ref, windows, progress=False), progress=False)
     assert math.isclose(cached.kl, res.kl, rel_tol=1e-5)
+
+
+def test_evaluate_leaves_the_flush_denormal_flag_as_it_was():
+    from spikequant.eval.perplexity import flush_denormal_enabled
+
+    model = tiny_model("llama")
+    windows = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    before = flush_denormal_enabled()
+    try:
+        for state in (False, True, False):
+            torch.set_flush_denormal(state)
+            assert flush_denormal_enabled() is state  # the probe reads the flag
+            evaluate(model, windows, progress=False)
+            assert flush_denormal_enabled() is state
+    finally:
+        torch.set_flush_denormal(before)
+
+
+def test_evaluate_flushes_denormals_while_it_runs():
+    from spikequant.eval.perplexity import flush_denormal_enabled
+
+    model = tiny_model("llama")
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(flush_denormal_enabled()))
+    torch.set_flush_denormal(False)
+    evaluate(model, torch.zeros(1, 4, dtype=torch.long), progress=False)
+    assert seen == [True] and not flush_denormal_enabled()

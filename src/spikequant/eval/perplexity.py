@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +35,23 @@ def _logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     return model(window.unsqueeze(0).to(_device_of(model)), use_cache=False).logits[0, :-1].float()
 
 
+def flush_denormal_enabled() -> bool:
+    """Whether float32 denormals are flushed to zero on this thread (torch has a setter, no getter)."""
+    return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0
+
+
+@contextmanager
+def flushing_denormals(enabled: bool = True) -> Iterator[None]:
+    """``torch.set_flush_denormal(enabled)`` for the block, then the previous state again (the flag is
+    process-global CPU state: a library call must not leave it changed)."""
+    previous = flush_denormal_enabled()
+    torch.set_flush_denormal(enabled)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(previous)
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -48,9 +66,14 @@ def evaluate(
     ``reference`` (the unquantized model, or its precomputed log-probabilities per window) adds the
     mean KL divergence and top-1 agreement of next-token distributions on the same positions.
     """
-    if _device_of(model).type == "cpu":
-        # Fake-quantized layers next to float ones produce denormals that slow CPU math ~10x.
-        torch.set_flush_denormal(True)
+    # Fake-quantized layers next to float ones produce denormals that slow CPU math ~10x: flush them while
+    # evaluating, and leave the caller's setting as it was.
+    with flushing_denormals(_device_of(model).type == "cpu" or flush_denormal_enabled()):
+        return _evaluate(model, windows, reference, progress, desc)
+
+
+def _evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Sequence[torch.Tensor] | None,
+              progress: bool, desc: str) -> EvalResult:
     start = time.perf_counter()
     nll = 0.0
     kl_sum = 0.0

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spikequant.errors import SpikequantError
 from spikequant.hadamard import hadamard_transform
 from spikequant.models.arch import decoder_layers, get_arch
 from spikequant.quant.kv import KVQuantizer
@@ -28,6 +29,35 @@ from spikequant.quant.kv import KVQuantizer
 ATTN_ATTR = "spikequant_attention"
 R4_ATTR = "spikequant_r4_handle"
 PREFIX = "spikequant_"
+
+# This module relies on transformers internals with no stability promise: ``AttentionInterface._global_mapping``,
+# ``AttentionMaskInterface._global_mapping`` and each modeling file's module-level ``eager_attention_forward``.
+# The versions its tests passed on, [low, high): outside them it stops with one line instead of failing deep
+# inside a forward pass. Widen only after `pytest tests/transforms tests/export` passes on the new version.
+TESTED_TRANSFORMERS = ("4.57.6", "5.25")
+
+
+class TransformersVersionError(SpikequantError):
+    pass
+
+
+def _installed_transformers() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Raise a one-line error when ``version`` (default: the installed transformers) is outside the tested range."""
+    from packaging.version import Version
+
+    version = version or _installed_transformers()
+    low, high = TESTED_TRANSFORMERS
+    if not Version(low) <= Version(version) < Version(high):
+        raise TransformersVersionError(
+            f"transformers {version} is outside the range the online rotations / KV quantization are tested on "
+            f"(>={low},<{high}; they use its private attention registry); install one in it, e.g. "
+            f"pip install -c constraints.txt transformers")
 
 
 @dataclass
@@ -75,6 +105,7 @@ def register_wrapper(base: str) -> str:
     """Register ``spikequant_<base>`` (attention and mask functions) once; return its name."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
+    check_transformers()
     name = base if base.startswith(PREFIX) else PREFIX + base
     base = name.removeprefix(PREFIX)
     if name not in AttentionInterface._global_mapping:
