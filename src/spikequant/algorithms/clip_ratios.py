@@ -103,6 +103,19 @@ def _module_name(qm: QuantizedModel, layer: int, key: str) -> str:
     return f"{arch.layers}.{layer}.{arch.linear_roles[key]}"
 
 
+def _rescale_static(q: ActivationQuantizer, ratio: float) -> None:
+    """A calibrated static scale was computed with the old ratio; every scale formula (int symmetric or
+    affine, FP8) is linear in the ratio and an affine zero point does not depend on it, so rescale from
+    the scale first calibrated (kept on the quantizer) rather than compounding float error."""
+    if q.spec.dynamic or q.scale is None:
+        return
+    base = getattr(q, "_scale_at_ratio", None)
+    if base is None:
+        base = (q.scale, q.spec.clip_ratio)
+        q._scale_at_ratio = base  # type: ignore[attr-defined]
+    q.scale = base[0] * (ratio / base[1])
+
+
 def set_clip_ratio(qm: QuantizedModel, layer: int, key: str, ratio: float,
                    index: dict[tuple[int, str], list[ActivationQuantizer]] | None = None) -> None:
     """Change one quantizer's ratio in place (cheap: the next forward uses it). Pass ``index`` (from
@@ -112,6 +125,7 @@ def set_clip_ratio(qm: QuantizedModel, layer: int, key: str, ratio: float,
     if (layer, key) not in index:
         raise KeyError(f"no quantized activation {key!r} in layer {layer} (keys: {', '.join(KEYS)})")
     for q in index[(layer, key)]:
+        _rescale_static(q, ratio)
         q.spec = replace(q.spec, clip_ratio=ratio)
     if key in LINEAR_KEYS:  # keep the plan (what gets saved) in step with the live quantizer
         mq = qm.plan.get(_module_name(qm, layer, key))
