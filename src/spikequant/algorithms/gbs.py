@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from spikequant.algorithms.base import Modifier, QuantContext, register, require_positive_int
 from spikequant.algorithms.clip_ratios import QUANTIZER_KEYS, Ratios, activation_quantizers, set_clip_ratio
 from spikequant.errors import RecipeError, SpikequantError
-from spikequant.models import decoder_layers, get_arch
+from spikequant.models import ArchSpec, decoder_layers, get_arch
 from spikequant.quant import ActivationQuantizer, QuantizedModel
 from spikequant.transforms import installed_attention_transforms
 
@@ -155,7 +155,8 @@ class GBSResult:
     slots: list[SlotResult]
     ratios: Ratios
     probes: int
-    layer_forwards: int  # decoder-layer forwards, counted per window
+    layer_forwards: int  # whole decoder-layer forwards, counted per window
+    sublayer_forwards: dict[str, int]  # fast mode: attention-only / MLP-only runs of a layer, per window
     search_seconds: float  # this process's time in the search (a resumed run adds the earlier runs')
     calib_ppl: float  # calibration perplexity at the end of the search (in the search's own setting)
     windows: int
@@ -182,6 +183,38 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, kw: dict) -> torch.Tensor
     from spikequant.algorithms.gptq import _layer_out
 
     return _layer_out(layer(hidden, **kw))
+
+
+ATTENTION_SLOTS = ("q_proj", "k_proj", "v_proj", "k_cache", "o_proj")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _attention_part(arch: ArchSpec, layer: nn.Module, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
+    """The residual stream after a layer's attention block (the input of its post-attention norm); the
+    MLP is not run."""
+    caught: list[torch.Tensor] = []
+
+    def hook(_m, args):
+        caught.append(args[0])
+        raise _Stop
+
+    handle = layer.get_submodule(arch.post_attn_norm).register_forward_pre_hook(hook)
+    try:
+        layer(hidden, **kw)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return caught[0]
+
+
+def _mlp_part(arch: ArchSpec, layer: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """The rest of a pre-norm decoder layer from its post-attention residual: r + mlp(norm(r))."""
+    mlp = layer.get_submodule(arch.gate_proj.rsplit(".", 1)[0])
+    return residual + mlp(layer.get_submodule(arch.post_attn_norm)(residual))
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -259,6 +292,8 @@ class _Search:
         self.batches = _batches(windows, config.batch_size)
         self.probes = 0
         self.layer_forwards = 0
+        self.sublayer_forwards = {"attention": 0, "mlp": 0}
+        self.arch = get_arch(self.model)
         self.seconds = 0.0
         self._cache: dict[str, Any] = {}
 
@@ -286,6 +321,7 @@ class _Search:
             return
         write_json_atomic({**self.identity(), "done": [s.to_dict() for s in done], "current": current,
                            "counters": {"probes": self.probes, "layer_forwards": self.layer_forwards,
+                                        "sublayer_forwards": self.sublayer_forwards,
                                         "seconds": self.seconds}}, self.state_path)
 
     # quantizer states ---------------------------------------------------------------------------------
@@ -323,7 +359,7 @@ class _Search:
         return [(_run_layer(self.layers[j], h, kw), kw) for h, kw in hs]
 
     @torch.inference_mode()
-    def objective(self, layer: int) -> float:
+    def objective(self, layer: int, key: str) -> float:
         obj = self.config.resolved_objective
         if self.config.mode == "exact":
             self.layer_forwards += len(self.windows) * len(self.layers)
@@ -338,17 +374,31 @@ class _Search:
                 count += batch[:, 1:].numel()
             self.layer_forwards += len(self.windows) * (len(self.layers) - layer)
             return math.exp(nll / count)
-        if ("ref_out", layer) not in self._cache:
+        # objective "layer": the searched slot's own block (attention or MLP) of layer l, against the same
+        # block in the reference stream; blocks before it come from the cache.
+        arch, mod = self.arch, self.layers[layer]
+        part = "attention" if key in ATTENTION_SLOTS else "mlp"
+        if ("ref_" + part, layer) not in self._cache:
             ref_in = self.layer_inputs(layer, "ref")
-            self._cache[("ref_out", layer)] = [y for y, _ in self.run_layer(layer, ref_in, "ref")]
-        ref_out = self._cache[("ref_out", layer)]
+            with _float_activations(self.qm):
+                mid = [_attention_part(arch, mod, h, kw) for h, kw in ref_in]
+                self._cache[("ref_attention", layer)] = mid
+                self._cache[("ref_mlp", layer)] = [_mlp_part(arch, mod, r) for r in mid]
+            self.layer_forwards += len(self.windows)
+        if part == "attention":
+            ys = [_attention_part(arch, mod, h, kw) for h, kw in hs]
+        else:
+            if ("q_mid", layer) not in self._cache:  # attention slots are frozen (or pass through) by now
+                self._cache[("q_mid", layer)] = [_attention_part(arch, mod, h, kw) for h, kw in hs]
+                self.sublayer_forwards["attention"] += len(self.windows)
+            ys = [_mlp_part(arch, mod, r) for r in self._cache[("q_mid", layer)]]
+        self.sublayer_forwards[part] += len(self.windows)
         err, count = 0.0, 0
-        for (h, kw), r in zip(hs, ref_out, strict=True):
-            y = _run_layer(self.layers[layer], h, kw)
-            e = (y.float() - r.float()).pow(2).sum(-1) / r.float().pow(2).sum(-1).clamp_min(1e-30)
+        for y, r in zip(ys, self._cache[("ref_" + part, layer)], strict=True):
+            y, r = y.float(), r.float()
+            e = (y - r).pow(2).sum(-1) / r.pow(2).sum(-1).clamp_min(1e-30)
             err += float(e.sum(dtype=torch.float64))
             count += e.numel()
-        self.layer_forwards += len(self.windows)
         return err / count
 
     def forget_layer(self, layer: int) -> None:
@@ -359,9 +409,8 @@ class _Search:
         nxt = layer + 1
         if nxt < len(self.layers):
             self._cache[("q", nxt)] = self.run_layer(layer, self._cache[("q", layer)], "q")
-            if ("ref_out", layer) in self._cache:
-                kws = [kw for _, kw in self._cache[("ref", layer)]]
-                self._cache[("ref", nxt)] = list(zip(self._cache[("ref_out", layer)], kws, strict=True))
+            if ("ref", layer) in self._cache:  # the full layer, as a resumed run computes it from layer 0
+                self._cache[("ref", nxt)] = self.run_layer(layer, self._cache[("ref", layer)], "ref")
         self._cache = {k: v for k, v in self._cache.items() if k == "h0" or k[1] == nxt}
 
     def search_slot(self, n: int, st: dict[str, Any], done: list[SlotResult], bar: Any, t0: float,
@@ -373,7 +422,7 @@ class _Search:
 
         def probe(x: float) -> float:
             self.set_slot(layer, key, x)
-            fx = self.objective(layer)
+            fx = self.objective(layer, key)
             self.probes += 1
             if self.on_probe is not None:
                 self.on_probe("evaluated", self.probes)
@@ -413,6 +462,7 @@ class _Search:
         if state:
             c = state["counters"]
             self.probes, self.layer_forwards, self.seconds = c["probes"], c["layer_forwards"], c["seconds"]
+            self.sublayer_forwards = dict(c["sublayer_forwards"])
         # Gradual start: only the V caches quantize; each slot switches on when the search reaches it.
         for key_qs in self.index.values():
             for q in key_qs:
@@ -451,6 +501,7 @@ class _Search:
         for q, e in zip(qs, enabled_before, strict=True):
             q.enabled = e
         return GBSResult(cfg, done, {i: ratios[i] for i in sorted(ratios)}, self.probes, self.layer_forwards,
+                         dict(self.sublayer_forwards),
                          self.seconds, calib, len(self.windows), int(self.windows.shape[1]))
 
 
@@ -509,7 +560,8 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"mode {cfg['mode']}, objective {cfg['objective']}, iterations {cfg['iterations']}, "
              f"epsilon {cfg['epsilon']}, reverse {cfg['reverse']}, layers {cfg['layers'] or 'all'}; "
              f"calibration {r['windows']} x {r['seqlen']} tokens", "",
-             f"- probes: {r['probes']}; decoder-layer forwards (per window): {r['layer_forwards']}",
+             f"- probes: {r['probes']}; decoder-layer forwards (per window): {r['layer_forwards']} whole layers, "
+             f"{r['sublayer_forwards']['attention']} attention blocks, {r['sublayer_forwards']['mlp']} MLP blocks",
              f"- search wall time: {r['search_seconds']:.1f} s",
              f"- calibration PPL at the end of the search: {r['calib_ppl']:.4f}"]
     for k, v in r.get("extra", {}).items():
@@ -561,5 +613,6 @@ class GBS(Modifier):
         res = gbs_search(qm, windows, self.config(), progress=ctx.progress)
         ctx.findings["gbs"] = {"config": self.config().to_dict(), "windows": res.windows, "seqlen": res.seqlen,
                                "probes": res.probes, "layer_forwards": res.layer_forwards,
+                               "sublayer_forwards": res.sublayer_forwards,
                                "search_seconds": round(res.search_seconds, 3), "calib_ppl": res.calib_ppl,
                                "ratios": {str(i): e for i, e in res.ratios.items()}}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         report_markdown,
     )
     from spikequant.data import calibration_windows, eval_windows, load_text, tokenize
+    from spikequant.eval import evaluate, reference_logprobs
+    from spikequant.export import is_quantized_dir, load_quantized, save_quantized
     from spikequant.models import decoder_layers, load_model
     from spikequant.pipeline import quantize
     from spikequant.recipes import load_recipe
@@ -45,14 +48,25 @@ def cmd_search(args: argparse.Namespace) -> int:
                            args.batch_size)
     except ValueError as e:
         raise SpikequantError(f"search: {e}") from None
-    recipe = load_recipe(args.recipe)
-    # The command line holds the search settings: a gbs modifier in the recipe is not run a second time.
-    recipe = dataclasses.replace(recipe, modifiers=[m for m in recipe.modifiers if m.type != "gbs"])
-    if recipe.is_float:
-        raise SpikequantError(f"recipe {recipe.name!r} quantizes nothing; there is no clip ratio to search")
+    saved = is_quantized_dir(args.model)
+    if saved and args.recipe:
+        raise SpikequantError(f"{args.model} is a saved quantized model; it carries its recipe, drop --recipe")
+    if not saved and not args.recipe:
+        raise SpikequantError("--recipe is required (or pass a directory written by `spikequant quantize`)")
     gtext = load_text(args.dataset, args.calib_split, args.data_dir)  # data first: a bad path fails fast
     progress = not args.no_progress
-    loaded = load_model(args.model, args.dtype, args.device)
+    t = time.perf_counter()
+    if saved:
+        loaded, qm, recipe, manifest = load_quantized(args.model, args.dtype, args.device)
+        base_model, findings = manifest["base_model"], manifest.get("findings", {})
+    else:
+        recipe = load_recipe(args.recipe)
+        # The command line holds the search settings: a gbs modifier in the recipe is not run a second time.
+        recipe = dataclasses.replace(recipe, modifiers=[m for m in recipe.modifiers if m.type != "gbs"])
+        if recipe.is_float:
+            raise SpikequantError(f"recipe {recipe.name!r} quantizes nothing; there is no clip ratio to search")
+        base_model = args.model
+        loaded = load_model(args.model, args.dtype, args.device)
     windows = eval_windows(tokenize(loaded.tokenizer, gtext), args.seqlen, args.calib_windows)
     if len(windows) < args.calib_windows:
         raise DataError(f"{gtext.name} holds only {len(windows)} windows of {args.seqlen} tokens, "
@@ -64,11 +78,28 @@ def cmd_search(args: argparse.Namespace) -> int:
         return calibration_windows(tokenize(loaded.tokenizer, text), c.seqlen, c.num_samples, recipe.seed)
 
     out.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    qm, findings = quantize(loaded.model, recipe, recipe_calibration, progress)
+    if not saved:
+        qm, findings = quantize(loaded.model, recipe, recipe_calibration, progress)
     quantize_s = time.perf_counter() - t
+    test, reference = None, None
+    if args.eval_windows:
+        ttext = load_text(args.dataset, "test", args.data_dir)
+        test = eval_windows(tokenize(loaded.tokenizer, ttext), args.eval_seqlen, args.eval_windows)
+        reference = reference_logprobs(load_model(base_model, args.dtype, args.device).model, test, progress)
+    evals = {}
+    if test is not None and not args.resume:  # a resumed run reads the clip-1.0 row from the first run
+        evals["clip1"] = evaluate(loaded.model, test, reference, progress, "eval clip 1.0").to_dict()
+        write_json({"test": evals}, out / "eval_clip1.json")
+    elif test is not None and (out / "eval_clip1.json").is_file():
+        evals["clip1"] = json.loads((out / "eval_clip1.json").read_text())["test"]["clip1"]
     clip1 = calibration_ppl(loaded.model, windows, args.batch_size)
     res = gbs_search(qm, windows, config, state_path=state, progress=progress)
+    if test is not None:
+        evals["gbs"] = evaluate(loaded.model, test, reference, progress, "eval GBS").to_dict()
+        evals["windows"], evals["seqlen"], evals["text_sha256"] = len(test), args.eval_seqlen, ttext.sha256
+    if args.save:
+        save_quantized(qm, loaded.tokenizer, recipe, base_model, args.save,
+                       {**findings, "gbs": {"ratios": {str(i): e for i, e in res.ratios.items()}}})
     n_layers = len(decoder_layers(loaded.model))
     res.extra["calib_ppl_clip1"] = clip1
     save_ratio_file(res.ratios, out / "ratios.json")
@@ -80,6 +111,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         "layout": "contiguous windows from the start of the text"},
         "result": res.to_dict(),
         "findings": findings,
+        "test": evals or None,
         "timings": {"quantize_s": round(quantize_s, 3), "search_s": round(res.search_seconds, 3)},
         "environment": environment(),
     }
@@ -87,6 +119,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     write_text(report_markdown(report), out / "report.md")
     plot_heatmap(res.ratios, n_layers, out / "heatmap.png",
                  f"GBS {config.mode} ratios: {recipe.name}")
+    for k, v in ((k, evals.get(k)) for k in ("clip1", "gbs")):
+        if v:
+            print(f"test ({len(test)} x {args.eval_seqlen}) {k}: PPL {v['ppl']:.3f}, KL {v['kl']:.4f}, "
+                  f"top-1 {v['top1']:.4f}")
     print(f"searched {len(res.slots)} slots in {res.search_seconds:.1f} s ({res.probes} probes, "
           f"{res.layer_forwards} decoder-layer forwards); calibration PPL {clip1:.3f} at clip 1.0 -> "
           f"{res.calib_ppl:.3f}; wrote {out / 'ratios.json'}")
@@ -98,7 +134,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("search", help="Gradual Binary Search of per-layer activation clip ratios (GBS)")
     _add_model_args(p)
-    p.add_argument("--recipe", required=True, help="preset name or .yaml/.json file to quantize by first")
+    p.add_argument("--recipe", default=None,
+                   help="preset name or .yaml/.json file to quantize by first (not with a saved --model)")
     p.add_argument("--data-dir", default=None, help="folder holding wikitext-2/ (or $SPIKEQUANT_DATA_DIR)")
     p.add_argument("--dataset", default="wikitext2", help="calibration text: wikitext2 or a text file")
     p.add_argument("--calib-split", default="validation",
@@ -117,5 +154,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward")
     p.add_argument("--output", required=True, help="folder for ratios.json, report.json/.md, heatmap.png")
     p.add_argument("--resume", action="store_true", help="continue the search saved in --output")
+    p.add_argument("--eval-windows", type=positive_int, default=None,
+                   help="also evaluate (PPL, KL, top-1) on the first N test windows, at clip 1.0 and after GBS")
+    p.add_argument("--eval-seqlen", type=positive_int, default=512, help="test window length (default: 512)")
+    p.add_argument("--save", default=None, help="save the quantized model with the searched ratios here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_search)
