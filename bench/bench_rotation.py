@@ -20,6 +20,7 @@ import torch
 from common import model_data_args
 from spikequant.pipeline import Session
 from spikequant.recipes import Recipe, load_recipe
+from spikequant.reports import result_row
 
 
 def with_expansion(recipe: Recipe, expand: dict[str, int]) -> Recipe:
@@ -47,7 +48,6 @@ def main() -> int:
     ap.add_argument("--only-expanded", action="store_true", help="run only the expanded variants")
     ap.add_argument("--no-kl", action="store_true", help="skip the FP reference pass (PPL only)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
 
     recipes = []
@@ -71,8 +71,7 @@ def main() -> int:
     for r in recipes:
         rep, _ = session.run(r)
         rot = ((rep.get("quantization") or {}).get("findings") or {}).get("rotation") or {}
-        row = {"recipe": r.name, "ppl": rep["ppl"], "kl": rep["kl"], "top1": rep["top1"],
-               "quantize_s": rep["timings"]["quantize_s"], "eval_s": rep["timings"]["eval_s"],
+        row = {**result_row(rep), "quantize_s": rep["timings"]["quantize_s"], "eval_s": rep["timings"]["eval_s"],
                "hidden": rot.get("hidden"), "mlp": rot.get("mlp"), "expansion": rot.get("expansion")}
         rows.append(row)
         kl, top1 = ("-", "-") if row["kl"] is None else (f"{row['kl']:.3f}", f"{row['top1']:.3f}")

@@ -6,45 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from spikequant.cli_args import add_data_args, add_model_args, add_report_args
 from spikequant.errors import SpikequantError
-from spikequant.models import DEFAULT_MODEL
 
 DEMO_RECIPES = ("fp", "w8a8-tensor", "w8a8-tensor-static", "w8a8-token")
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"built-in name ({DEFAULT_MODEL}), .gguf file, local HF directory, saved spikequant "
-                        "directory or hub id (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse then names the flag in its one-line error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _add_data_args(p: argparse.ArgumentParser, seqlen: int = 2048) -> None:
-    p.add_argument("--data-dir", default=None,
-                   help="folder holding wikitext-2/ (or $SPIKEQUANT_DATA_DIR); without it the hub copy is used")
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4 or a path to a text file")
-    p.add_argument("--seqlen", type=positive_int, default=seqlen,
-                   help="evaluation window length (default: %(default)s)")
-    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--no-kl", action="store_true", help="skip the KL / top-1 comparison with the FP model")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _add_report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", default=None, help="write the machine-readable report here")
-    p.add_argument("--markdown", default=None, help="write a markdown report here")
 
 
 def _session(args: argparse.Namespace):
@@ -56,9 +21,9 @@ def _session(args: argparse.Namespace):
 
 
 def _print_table(reports: list[dict]) -> None:
-    from spikequant.reports import markdown_table, result_row
+    from spikequant.reports import markdown_table, result_row, table_columns
 
-    print(markdown_table([result_row(r) for r in reports]))
+    print(markdown_table([result_row(r) for r in reports], table_columns(reports)))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -128,23 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="evaluate a model (optionally quantized by a recipe): PPL, KL, top-1")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--recipe", default=None, help="preset name or .yaml/.json file (default: fp)")
-    _add_data_args(p)
-    _add_report_args(p)
+    add_data_args(p)
+    add_report_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", help="quantize a model by a recipe and save it")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--recipe", required=True, help="preset name or .yaml/.json file")
     p.add_argument("--output", required=True, help="directory to write the quantized model to")
     p.add_argument("--overwrite", action="store_true")
-    _add_data_args(p)
+    add_data_args(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("demo", help="the main job: FP vs W8A8 per-tensor (dynamic, static) and per-token")
-    _add_model_args(p)
-    _add_data_args(p, seqlen=512)
+    add_model_args(p)
+    add_data_args(p, seqlen=512)
     p.set_defaults(max_windows=16)
     p.add_argument("--output", default="results", help="folder for demo.json and demo.md (default: %(default)s)")
     p.set_defaults(func=cmd_demo)

@@ -19,3 +19,10 @@ class DataError(SpikequantError):
 
 class ModelLoadError(SpikequantError):
     pass
+
+
+def check_keys(data: dict, allowed, where: str) -> None:
+    """The one unknown-key check of every validated mapping (recipes, quantizers, modifiers)."""
+    for key in data:
+        if key not in allowed:
+            raise RecipeError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")

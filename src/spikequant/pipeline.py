@@ -14,7 +14,7 @@ from torch import nn
 
 from spikequant.algorithms.base import QuantContext
 from spikequant.data import Text, calibration_windows, eval_windows, load_text, tokenize
-from spikequant.eval import EvalResult, evaluate, reference_logprobs
+from spikequant.eval import EvalContext, PerplexityEvaluator, reference_logprobs, run_evaluators
 from spikequant.models import DEFAULT_MODEL, LoadedModel, decoder_linears, get_arch, load_model
 from spikequant.quant import ModuleQuant, QuantizedModel, attach, resolve_plan
 from spikequant.recipes import DECODER_LINEARS, Recipe
@@ -40,8 +40,9 @@ def quantize(
     calibration: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> tuple[QuantizedModel, dict[str, Any]]:
-    """Apply ``recipe`` to ``model`` in place: modifiers, weight quantization, activation hooks, and
-    calibration of static scales. ``calibration`` is a (N, seqlen) tensor of token ids or a function
+    """Apply ``recipe`` to ``model`` in place, stage by stage (see :mod:`spikequant.algorithms.base`):
+    transforms, weight algorithms, attaching the quantization state, calibration of static scales, and
+    algorithms on the quantized model. ``calibration`` is a (N, seqlen) tensor of token ids or a function
     returning one (called only if something needs it). Returns the handle and the modifiers' findings."""
 
     def calib() -> torch.Tensor:
@@ -50,14 +51,21 @@ def quantize(
         return calibration() if callable(calibration) else calibration
 
     ctx = QuantContext(model=model, calibration_windows=calib, seed=recipe.seed, progress=progress)
-    ctx.plan = lambda: build_plan(model, recipe, ctx.overrides)
-    for modifier in recipe.modifiers:
-        modifier.apply(ctx)
-    plan = build_plan(model, recipe, ctx.overrides)
-    qm = attach(model, plan, skip_weights=ctx.quantized_weights)
-    qm.weight_qparams.update(ctx.quantized_weights)
+
+    def run_stage(stage: str) -> None:
+        for modifier in recipe.modifiers:
+            if modifier.stage == stage:
+                modifier.apply(ctx)
+
+    run_stage("transform")
+    ctx.plan = build_plan(model, recipe, ctx.overrides)
+    run_stage("weights")
+    qm = attach(model, ctx.plan)
+    ctx.qm = qm
+    run_stage("attach")
     if qm.needs_calibration:
         qm.calibrate(calib(), progress=progress)
+    run_stage("quantized")
     return qm, ctx.findings
 
 
@@ -77,6 +85,8 @@ class Session:
     progress: bool = True
     # Precompute the reference log-probs when they fit in this many bytes; else run side by side.
     reference_budget_bytes: int = 4 << 30
+    # Evaluators run after perplexity on every model (e.g. zero-shot tasks); see spikequant.eval.base.
+    evaluators: list = field(default_factory=list)
     _loaded: LoadedModel | None = field(default=None, repr=False)
     _text: Text | None = field(default=None, repr=False)
     _windows: torch.Tensor | None = field(default=None, repr=False)
@@ -141,13 +151,23 @@ class Session:
             qm, findings = quantize(model, recipe, lambda: self.calibration(recipe), self.progress)
             timings["quantize_s"] = round(time.perf_counter() - t, 3)
         reference = self.reference() if (self.kl and not recipe.is_float) else None
-        res = evaluate(model, self.windows, reference, self.progress, desc=f"eval {recipe.name}")
+        evaluation = self.evaluate(model, self.loaded.tokenizer, self.windows, reference, recipe)
         if recipe.is_float and self.kl:
-            res.kl, res.top1 = 0.0, 1.0  # the model is its own reference
-        timings["eval_s"] = round(res.seconds, 3)
-        return self.report(recipe, res, qm, findings, timings), qm
+            evaluation["metrics"].update(kl=0.0, top1=1.0)  # the model is its own reference
+        timings["eval_s"] = evaluation["seconds"]
+        return self.report(recipe, evaluation, qm, findings, timings), qm
 
-    def report(self, recipe: Recipe, res: EvalResult, qm: QuantizedModel | None, findings: dict,
+    def evaluate(self, model: nn.Module, tokenizer: Any, windows: torch.Tensor, reference: Any,
+                 recipe: Recipe) -> dict[str, Any]:
+        """Run the perplexity evaluator and :attr:`evaluators` on ``model`` (as it is, in memory)."""
+        t = time.perf_counter()
+        ctx = EvalContext(tokenizer=tokenizer, reference=reference, progress=self.progress,
+                          desc=f"eval {recipe.name}")
+        metrics, columns, details = run_evaluators([PerplexityEvaluator(windows), *self.evaluators], model, ctx)
+        return {"metrics": metrics, "columns": columns, "details": details,
+                "seconds": round(time.perf_counter() - t, 3)}
+
+    def report(self, recipe: Recipe, evaluation: dict[str, Any], qm: QuantizedModel | None, findings: dict,
                timings: dict[str, float]) -> dict[str, Any]:
         assert self._text is not None
         model = self.loaded.model
@@ -157,15 +177,21 @@ class Session:
             hit = self._calib_cache.get((c.dataset, c.split, c.num_samples, c.seqlen, recipe.seed))
             if hit is not None:
                 calib = {**vars(c), "name": hit[1].name, "source": hit[1].source, "sha256": hit[1].sha256}
+        metrics = evaluation["metrics"]
+        ppl_info = evaluation["details"]["perplexity"]
         return {
-            "ppl": res.ppl,
-            "kl": res.kl,
-            "top1": res.top1,
+            # The perplexity evaluator's metrics, also at the top level (the documented report schema).
+            "ppl": metrics["ppl"],
+            "kl": metrics["kl"],
+            "top1": metrics["top1"],
+            "metrics": metrics,
+            "metric_columns": evaluation["columns"],
+            "evaluation": {k: v for k, v in evaluation["details"].items() if k != "perplexity"},
             "recipe": recipe.to_dict(),
             "seed": recipe.seed,
             "data_sha256": self._text.sha256,
             "data": {"name": self._text.name, "source": self._text.source, "sha256": self._text.sha256,
-                     "seqlen": self.seqlen, "windows": res.windows, "tokens": res.tokens,
+                     "seqlen": self.seqlen, "windows": ppl_info["windows"], "tokens": ppl_info["tokens"],
                      "calibration": calib},
             "model": {"source": self.model_source, "class": type(model).__name__,
                       "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -211,9 +237,9 @@ def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recip
         windows = eval_windows(tokenize(loaded.tokenizer, text), session.seqlen, session.max_windows)
         session._text, session._loaded, session._windows = text, loaded, windows
         reference = None
-    res = evaluate(loaded.model, windows, reference, session.progress, desc=f"eval {recipe.name}")
-    rep = session.report(recipe, res, qm, manifest.get("findings", {}),
-                         {"load_s": round(load_s, 3), "quantize_s": 0.0, "eval_s": round(res.seconds, 3)})
+    evaluation = session.evaluate(loaded.model, loaded.tokenizer, windows, reference, recipe)
+    rep = session.report(recipe, evaluation, qm, manifest.get("findings", {}),
+                         {"load_s": round(load_s, 3), "quantize_s": 0.0, "eval_s": evaluation["seconds"]})
     rep["model"]["source"] = str(path)
     rep["model"]["base_model"] = manifest["base_model"]
     return rep, recipe

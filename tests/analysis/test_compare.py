@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from spikequant.analysis.compare import float_linear_share, resolve_recipes, run_compare
+from spikequant.compare import float_linear_share, resolve_recipes, run_compare
 from spikequant.data import Text
 from spikequant.errors import SpikequantError
 from spikequant.models import LoadedModel

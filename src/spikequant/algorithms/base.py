@@ -1,7 +1,18 @@
-"""Modifiers: self-contained algorithms that a recipe lists and the pipeline runs before quantization.
+"""Modifiers: self-contained algorithms that a recipe lists and the pipeline runs, each at its stage.
 
-A modifier may change the model (e.g. SmoothQuant folds scales into weights) and may add per-module
-overrides to the plan (e.g. spike-aware exemptions). It gets everything through a :class:`QuantContext`.
+The pipeline (:func:`spikequant.pipeline.quantize`) runs a recipe in this order; a modifier declares in
+``stage`` where it belongs, and modifiers of one stage run in the order the recipe lists them:
+
+1. ``transform``: change the float model and/or add per-module overrides to the plan (rotations,
+   SmoothQuant folding, spike-aware exemptions). Then the plan is resolved (``ctx.plan``).
+2. ``weights``: quantize weights from the resolved plan, recording their parameters on the modules
+   (GPTQ); the pipeline's RTN skips those.
+3. *attach*: the quantization state goes onto the modules (RTN weights, activation quantizers).
+4. ``attach``: install further quantizers on the attached model (the KV cache). ``ctx.qm`` is set.
+5. *calibrate*: static activation quantizers observe calibration windows and freeze.
+6. ``quantized``: algorithms that need the quantized, calibrated model (clip ratios, a clip search).
+
+A modifier gets everything through a :class:`QuantContext`.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from spikequant.errors import RecipeError
+from spikequant.errors import RecipeError, check_keys
 from spikequant.quant.spec import QuantSpec
 
 
@@ -27,17 +38,21 @@ class QuantContext:
     overrides: list[tuple[list[str], dict[str, QuantSpec | None]]] = field(default_factory=list)
     # What modifiers found, for the report (e.g. the detected spike layers).
     findings: dict[str, Any] = field(default_factory=dict)
-    # Set by the pipeline: resolves the plan as it stands (recipe + overrides added so far), so a modifier
-    # can quantize weights itself (GPTQ) from the recipe's weight spec.
-    plan: Callable[[], dict[str, Any]] | None = None
-    # Weights a modifier already quantized (module name -> its qparams); the pipeline skips RTN for them.
-    quantized_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # Set by the pipeline after the transform stage: the resolved plan (module name -> ModuleQuant).
+    plan: dict[str, Any] | None = None
+    # Set by the pipeline after attaching: the quantized model (the ``attach`` and ``quantized`` stages).
+    qm: Any = None
+
+
+STAGES = ("transform", "weights", "attach", "quantized")
 
 
 class Modifier:
-    """Base class; subclasses are dataclasses registered in :data:`MODIFIERS` under ``type``."""
+    """Base class; subclasses are dataclasses registered in :data:`MODIFIERS` under ``type``, running at
+    ``stage`` (one of :data:`STAGES`, see the module docstring)."""
 
     type: ClassVar[str]
+    stage: ClassVar[str] = "transform"
 
     def apply(self, ctx: QuantContext) -> None:
         raise NotImplementedError
@@ -47,10 +62,7 @@ class Modifier:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> Modifier:
-        allowed = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        for key in data:
-            if key not in allowed:
-                raise RecipeError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+        check_keys(data, {f.name for f in fields(cls)}, where)  # type: ignore[arg-type]
         try:
             return cls(**data)
         except (TypeError, ValueError) as e:

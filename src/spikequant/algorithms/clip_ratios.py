@@ -6,8 +6,9 @@ as in the paper's code, each linear has its own input quantizer and ratio), ``k_
 R3), ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``. As in the paper, ``v_proj``'s ratio also clips
 the V cache; the optional ninth key ``v_cache`` sets the V cache alone.
 
-Ratios live in the quantizer objects (``ActivationQuantizer.spec.clip_ratio``), never in weights, so a
-search changes one with :func:`set_clip_ratio` and runs the next perplexity probe straight away.
+Ratios live in the quantizer modules (``ActivationQuantizer.spec.clip_ratio``), never in weights, so a
+search changes one with :func:`set_clip_ratio` and runs the next perplexity probe straight away; a static
+quantizer keeps its observed range and recomputes its scale.
 
 File format (JSON or YAML)::
 
@@ -25,13 +26,14 @@ import yaml
 
 from spikequant.algorithms.base import Modifier, QuantContext, register
 from spikequant.errors import RecipeError
-from spikequant.models import decoder_layers, get_arch, linear_role
+from spikequant.models import decoder_layers, linear_role
+from spikequant.models.arch import ROLES
 from spikequant.quant import ActivationQuantizer, QuantizedModel
 from spikequant.transforms import installed_attention_transforms
 
 QUANTIZER_KEYS = ("q_proj", "k_proj", "v_proj", "k_cache", "o_proj", "gate_proj", "up_proj", "down_proj")
 KEYS = (*QUANTIZER_KEYS, "v_cache")
-LINEAR_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_KEYS = ROLES
 
 Ratios = dict[int, dict[str, float]]
 
@@ -98,24 +100,6 @@ def activation_quantizers(qm: QuantizedModel) -> dict[tuple[int, str], list[Acti
     return out
 
 
-def _module_name(qm: QuantizedModel, layer: int, key: str) -> str:
-    arch = get_arch(qm.model)
-    return f"{arch.layers}.{layer}.{arch.linear_roles[key]}"
-
-
-def _rescale_static(q: ActivationQuantizer, ratio: float) -> None:
-    """A calibrated static scale was computed with the old ratio; every scale formula (int symmetric or
-    affine, FP8) is linear in the ratio and an affine zero point does not depend on it, so rescale from
-    the scale first calibrated (kept on the quantizer) rather than compounding float error."""
-    if q.spec.dynamic or q.scale is None:
-        return
-    base = getattr(q, "_scale_at_ratio", None)
-    if base is None:
-        base = (q.scale, q.spec.clip_ratio)
-        q._scale_at_ratio = base  # type: ignore[attr-defined]
-    q.scale = base[0] * (ratio / base[1])
-
-
 def set_clip_ratio(qm: QuantizedModel, layer: int, key: str, ratio: float,
                    index: dict[tuple[int, str], list[ActivationQuantizer]] | None = None) -> None:
     """Change one quantizer's ratio in place (cheap: the next forward uses it). Pass ``index`` (from
@@ -125,12 +109,7 @@ def set_clip_ratio(qm: QuantizedModel, layer: int, key: str, ratio: float,
     if (layer, key) not in index:
         raise KeyError(f"no quantized activation {key!r} in layer {layer} (keys: {', '.join(KEYS)})")
     for q in index[(layer, key)]:
-        _rescale_static(q, ratio)
-        q.spec = replace(q.spec, clip_ratio=ratio)
-    if key in LINEAR_KEYS:  # keep the plan (what gets saved) in step with the live quantizer
-        mq = qm.plan.get(_module_name(qm, layer, key))
-        if mq is not None and mq.inputs is not None:
-            mq.inputs = replace(mq.inputs, clip_ratio=ratio)
+        q.spec = replace(q.spec, clip_ratio=ratio)  # a frozen static quantizer recomputes its scale
 
 
 def in_key_order(entries: dict[str, float]) -> list[tuple[str, float]]:
@@ -161,10 +140,11 @@ def clip_ratios(qm: QuantizedModel) -> Ratios:
 @dataclass
 class ClipRatios(Modifier):
     """Set per-quantizer clip ratios from ``file`` (JSON/YAML) and/or inline ``ratios`` (same format,
-    applied after the file). List it after ``kv_cache``: linear-input ratios become per-module plan
-    overrides, K/V-cache ratios are set on the installed cache quantizers."""
+    applied after the file), on the quantizers themselves once they exist and are calibrated (a static
+    quantizer recomputes its scale from its observed range)."""
 
     type = "clip_ratios"
+    stage = "quantized"
     file: str | None = None
     ratios: dict[str, Any] = field(default_factory=dict)
 
@@ -183,30 +163,17 @@ class ClipRatios(Modifier):
         ratios = self.resolved()
         if not ratios:
             return
-        assert ctx.plan is not None, "the pipeline sets QuantContext.plan"
-        plan = ctx.plan()
-        arch = get_arch(ctx.model)
+        qm = ctx.qm
+        assert qm is not None, "clip_ratios runs at the quantized stage, after the quantizers exist"
         n_layers = len(decoder_layers(ctx.model))
-        attn = installed_attention_transforms(ctx.model)
-        for layer, entries in ratios.items():
+        index = activation_quantizers(qm)
+        for layer, entries in sorted(ratios.items()):
             if not 0 <= layer < n_layers:
                 raise RecipeError(f"clip_ratios: layer {layer} out of range (model has {n_layers} layers)")
-            v_cache = None if attn is None else attn[layer].v_quantizer
             for key, r in in_key_order(entries):
-                if key in LINEAR_KEYS:
-                    name = f"{arch.layers}.{layer}.{arch.linear_roles[key]}"
-                    spec = plan[name].inputs if name in plan else None
-                    if spec is not None:
-                        ctx.overrides.append(([name], {"inputs": replace(spec, clip_ratio=r)}))
-                    elif not (key == "v_proj" and v_cache is not None):  # v_proj's ratio may clip the V cache only
-                        raise RecipeError(f"clip_ratios: layer {layer}.{key}: that linear's input is not quantized")
-                cache = "k_quantizer" if key == "k_cache" else "v_quantizer" if key in ("v_cache", "v_proj") else None
-                if cache is None:
-                    continue
-                q = None if attn is None else getattr(attn[layer], cache)
-                if q is None:
-                    if key == "v_proj":
-                        continue  # no V cache quantizer: v_proj's ratio applies to its input only
-                    raise RecipeError(f"clip_ratios: layer {layer}.{key}: no KV-cache quantizer; list kv_cache first")
-                q.spec = replace(q.spec, clip_ratio=r)
+                if (layer, key) not in index:
+                    what = "no KV-cache quantizer (add a kv_cache modifier)" if key in ("k_cache", "v_cache") \
+                        else "that linear's input is not quantized"
+                    raise RecipeError(f"clip_ratios: layer {layer}.{key}: {what}")
+                set_clip_ratio(qm, layer, key, r, index)
         ctx.findings["clip_ratios"] = {str(i): e for i, e in sorted(ratios.items())}

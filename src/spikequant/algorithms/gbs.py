@@ -50,6 +50,7 @@ from spikequant.algorithms.base import Modifier, QuantContext, register, require
 from spikequant.algorithms.clip_ratios import QUANTIZER_KEYS, Ratios, activation_quantizers, set_clip_ratio
 from spikequant.errors import RecipeError, SpikequantError
 from spikequant.models import ArchSpec, decoder_layers, get_arch
+from spikequant.models.runner import capture_inputs, layer_output, stopped, stopping_at
 from spikequant.quant import ActivationQuantizer, QuantizedModel
 from spikequant.transforms import installed_attention_transforms
 
@@ -171,41 +172,28 @@ class GBSResult:
         return d
 
 
-# --- running the model (kept in one place so it can move to a shared layer runner) -------------------
-
-def _capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[Any, dict]]:
-    from spikequant.algorithms.gptq import capture_layer0_inputs
-
-    return capture_layer0_inputs(model, windows, batch_size)
-
-
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
-    from spikequant.algorithms.gptq import _layer_out
-
-    return _layer_out(layer(hidden, **kw))
-
+# --- running the model: the shared layer runner (spikequant.models.runner) -----------------------------
 
 ATTENTION_SLOTS = ("q_proj", "k_proj", "v_proj", "k_cache", "o_proj")
 
 
-class _Stop(Exception):
-    pass
+def _capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[Any, dict]]:
+    return list(capture_inputs(model, windows, batch_size))
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
+    return layer_output(layer(hidden, **kw))
 
 
 def _attention_part(arch: ArchSpec, layer: nn.Module, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
     """The residual stream after a layer's attention block (the input of its post-attention norm); the
     MLP is not run."""
     caught: list[torch.Tensor] = []
-
-    def hook(_m, args):
-        caught.append(args[0])
-        raise _Stop
-
-    handle = layer.get_submodule(arch.post_attn_norm).register_forward_pre_hook(hook)
+    norm = layer.get_submodule(arch.post_attn_norm)
+    handle = norm.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
     try:
-        layer(hidden, **kw)
-    except _Stop:
-        pass
+        with stopping_at(norm), stopped():
+            layer(hidden, **kw)
     finally:
         handle.remove()
     return caught[0]

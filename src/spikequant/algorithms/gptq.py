@@ -17,21 +17,20 @@ during calibration, as in QuaRot. lm_head is never touched.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from spikequant.algorithms.base import Modifier, QuantContext, register
 from spikequant.errors import RecipeError
-from spikequant.models import decoder_layers, get_arch
+from spikequant.models import get_arch
+from spikequant.models.runner import LayerInputs, run_layers, stopped, stopping_at
+from spikequant.quant.apply import set_weight_qparams, weight_qparams_of
 from spikequant.quant.fake import int_qdq, int_qparams
 from spikequant.quant.spec import QuantSpec
-from spikequant.transforms import installed_attention_transforms
 
 
 def check_weight_spec(spec: QuantSpec, where: str = "gptq") -> None:
@@ -144,14 +143,6 @@ def gptq_quantize(
     return GPTQResult(out.to(weight.dtype), scale, zero, float(loss))
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop(_module: nn.Module, _args: tuple) -> None:
-    raise _Stop
-
-
 class Hessian:
     """Running H = 2·XᵀX/N over the rows of every batch seen by a forward pre-hook."""
 
@@ -167,41 +158,6 @@ class Hessian:
         self.n = n
 
 
-def _steps(model: nn.Module, true_sequential: bool) -> list[list[list[str]]]:
-    """Calibration steps of one layer; each step lists groups of linears that read the same input
-    (layer-relative paths). True-sequential: one step per input, so later linears see quantized earlier ones."""
-    a = get_arch(model)
-    groups = [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [a.gate_proj, a.up_proj], [a.down_proj]]
-    return [[g] for g in groups] if true_sequential else [groups]
-
-
-@torch.no_grad()
-def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[Any, dict]]:
-    """Run ``windows`` through the model until decoder layer 0 and keep its (hidden_states, kwargs) per
-    batch; the hook raises to skip the rest of the forward."""
-    layer0 = decoder_layers(model)[0]
-    captured: list[tuple[Any, dict]] = []
-
-    def hook(_m, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        for b in range(0, len(windows), batch_size):
-            with contextlib.suppress(_Stop):
-                model(windows[b:b + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    return captured
-
-
-def _layer_out(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.no_grad()
 def gptq_model(
     model: nn.Module, windows: torch.Tensor, specs: dict[str, QuantSpec], damp: float = 0.01,
@@ -209,52 +165,43 @@ def gptq_model(
     batch_size: int = 8, progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Quantize, in place, the weights of the decoder linears named in ``specs`` (full module name ->
-    weight spec) with GPTQ on ``windows`` (N, seqlen). Returns name -> {scale, zero, loss}."""
+    weight spec) with GPTQ on ``windows`` (N, seqlen), layer by layer on the shared runner: each layer's
+    Hessians come from the outputs of the already quantized layers before it. Returns name -> {scale,
+    zero, loss}."""
     arch = get_arch(model)
     for name, spec in specs.items():
         check_weight_spec(spec, f"gptq: {name}")
-    attn = installed_attention_transforms(model) or []
-    kv = [q for t in attn for q in (t.k_quantizer, t.v_quantizer) if q is not None]
-    kv_state = [q.enabled for q in kv]
-    for q in kv:
-        q.enabled = False  # calibrate with a float KV cache
     results: dict[str, dict[str, Any]] = {}
-    try:
-        inputs = capture_layer0_inputs(model, windows, batch_size)
-        layers = decoder_layers(model)
-        bar = tqdm(range(len(layers)), desc="gptq", unit="layer", disable=not progress)
-        for i in bar:
-            layer = layers[i]
-            prefix = f"{arch.layers}.{i}."
-            for step in _steps(model, true_sequential):
-                groups = [[p for p in g if prefix + p in specs] for g in step]
-                groups = [g for g in groups if g]
-                if not groups:
-                    continue
-                hessians = {g[0]: Hessian() for g in groups}
-                handles = [layer.get_submodule(p).register_forward_pre_hook(h) for p, h in hessians.items()]
+
+    def quantize_layer(i: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        prefix = arch.layer_path(i) + "."
+        for step in arch.gptq_steps(true_sequential):
+            groups = [[p for p in g if prefix + p in specs] for g in step]
+            groups = [g for g in groups if g]
+            if not groups:
+                continue
+            hessians = {g[0]: Hessian() for g in groups}
+            handles = [layer.get_submodule(p).register_forward_pre_hook(h) for p, h in hessians.items()]
+            try:
                 # Nothing after the last input we need matters: stop the layer's forward there.
-                handles.append(layer.get_submodule(groups[-1][0]).register_forward_pre_hook(_stop))
-                try:
+                with stopping_at(layer.get_submodule(groups[-1][0])):
                     for hidden, kw in inputs:
-                        with contextlib.suppress(_Stop):
+                        with stopped():
                             layer(hidden, **kw)
-                finally:
-                    for hd in handles:
-                        hd.remove()
-                for g in groups:
-                    h = hessians[g[0]].h
-                    assert h is not None
-                    for p in g:
-                        lin = layer.get_submodule(p)
-                        res = gptq_quantize(lin.weight, h, specs[prefix + p], damp, block_size, act_order, mse_clip)
-                        lin.weight.data = res.weight
-                        results[prefix + p] = {"scale": res.scale.cpu(), "loss": res.loss,
-                                               **({} if res.zero is None else {"zero": res.zero.cpu()})}
-            inputs = [(_layer_out(layer(hidden, **kw)), kw) for hidden, kw in inputs]
-    finally:
-        for q, state in zip(kv, kv_state, strict=True):
-            q.enabled = state
+            finally:
+                for hd in handles:
+                    hd.remove()
+            for g in groups:
+                h = hessians[g[0]].h
+                assert h is not None
+                for p in g:
+                    lin = layer.get_submodule(p)
+                    res = gptq_quantize(lin.weight, h, specs[prefix + p], damp, block_size, act_order, mse_clip)
+                    lin.weight.data = res.weight
+                    results[prefix + p] = {"scale": res.scale.cpu(), "loss": res.loss,
+                                           **({} if res.zero is None else {"zero": res.zero.cpu()})}
+
+    run_layers(model, windows, quantize_layer, batch_size=batch_size, desc="gptq", progress=progress)
     return results
 
 
@@ -266,6 +213,7 @@ class GPTQ(Modifier):
     recipe's calibration set). List it after ``rotate`` so it calibrates on the rotated model."""
 
     type = "gptq"
+    stage = "weights"
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
@@ -283,8 +231,8 @@ class GPTQ(Modifier):
     def apply(self, ctx: QuantContext) -> None:
         assert ctx.plan is not None, "the pipeline sets QuantContext.plan"
         decoder = set(_decoder_linear_names(ctx.model))
-        specs = {n: mq.weights for n, mq in ctx.plan().items()
-                 if mq.weights is not None and n in decoder and n not in ctx.quantized_weights}
+        specs = {n: mq.weights for n, mq in ctx.plan.items()
+                 if mq.weights is not None and n in decoder and weight_qparams_of(ctx.model.get_submodule(n)) is None}
         if not specs:
             return
         windows = ctx.calibration_windows()
@@ -293,7 +241,7 @@ class GPTQ(Modifier):
         res = gptq_model(ctx.model, windows, specs, self.damp, self.block_size, self.act_order, self.mse_clip,
                          self.true_sequential, self.batch_size, ctx.progress)
         for name, r in res.items():
-            ctx.quantized_weights[name] = {k: v for k, v in r.items() if k in ("scale", "zero")}
+            set_weight_qparams(ctx.model.get_submodule(name), r["scale"], r.get("zero"))
         ctx.findings["gptq"] = {"windows": int(len(windows)), "seqlen": int(windows.shape[1]),
                                 "linears": len(res), "mean_loss": sum(r["loss"] for r in res.values()) / len(res)}
 

@@ -71,6 +71,7 @@ class KVCache(Modifier):
     """
 
     type = "kv_cache"
+    stage = "attach"
     bits: int | None = 4
     symmetric: bool = False
     k_group: str | int = "head"

@@ -11,10 +11,25 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from spikequant.algorithms.base import Modifier, QuantContext, register, require_positive_int
-from spikequant.analysis.report import PRECISIONS, exemption_slots
-from spikequant.analysis.spikes import SpikeRule, collect_stats
-from spikequant.errors import SpikequantError
+from spikequant.errors import RecipeError, SpikequantError
 from spikequant.models import decoder_linears, linear_role
+from spikequant.quant.spec import QuantSpec
+from spikequant.stats import SpikeRule, collect_stats
+
+PRECISIONS = ("float", "fp8_e4m3", "fp8_e5m2")
+
+
+def exemption_slots(precision: str, dynamic: bool = True) -> dict[str, QuantSpec | None]:
+    """What a kept layer gets: float (weights, inputs and outputs unquantized: float on every side), FP8
+    E4M3 with per-tensor scales for weights and activations, or the unscaled FP8 E5M2 cast."""
+    if precision == "float":
+        return {"weights": None, "inputs": None, "outputs": None}
+    if precision == "fp8_e4m3":
+        return {"weights": QuantSpec(format="fp8_e4m3", granularity="tensor"),
+                "inputs": QuantSpec(format="fp8_e4m3", granularity="tensor", dynamic=dynamic)}
+    if precision == "fp8_e5m2":
+        return {"weights": QuantSpec(format="fp8_e5m2"), "inputs": QuantSpec(format="fp8_e5m2")}
+    raise RecipeError(f"precision {precision!r} not one of {', '.join(PRECISIONS)}")
 
 
 @dataclass

@@ -18,8 +18,8 @@ from spikequant.analysis.report import (
     token_note,
     tokens_markdown,
 )
-from spikequant.analysis.spikes import LinearStats, SpikeRule, collect_stats, median_max_in
 from spikequant.reports import environment, write_json, write_text
+from spikequant.stats import LinearStats, SpikeRule, collect_stats, median_max_in
 
 if TYPE_CHECKING:  # recipes import the modifiers, which import this package
     from spikequant.recipes import Recipe

@@ -5,27 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from spikequant.cli_args import add_data_args, add_model_args
 from spikequant.errors import SpikequantError
-from spikequant.models import DEFAULT_MODEL
 
 DEFAULT_COMPARE = ("fp", "w8a8-tensor", "spike-w8a8-tensor", "random-exempt")
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, .gguf, HF directory or hub id "
-                                                          "(default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-
-
-def _data_args(p: argparse.ArgumentParser, split: str, windows: int) -> None:
-    p.add_argument("--data-dir", default=None,
-                   help="folder holding wikitext-2/ (or $SPIKEQUANT_DATA_DIR); without it the hub copy is used")
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4 or a path to a text file")
-    p.add_argument("--split", default=split, help="text split (default: %(default)s)")
-    p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: %(default)s)")
-    p.add_argument("--max-windows", type=int, default=windows, help="number of windows (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _positive(value: float | int | None, flag: str) -> None:
@@ -34,16 +17,17 @@ def _positive(value: float | int | None, flag: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from spikequant.algorithms.spike_exempt import PRECISIONS
     from spikequant.analysis.analyze import FILES, analyze, write_analysis
-    from spikequant.analysis.report import PRECISIONS, spike_recipe
-    from spikequant.analysis.spikes import SpikeRule
+    from spikequant.analysis.report import spike_recipe
     from spikequant.data import eval_windows, load_text, tokenize
     from spikequant.models import load_model
     from spikequant.recipes import load_recipe
+    from spikequant.stats import SpikeRule
 
     # Everything the user typed is checked before the model loads and before any file is written.
-    for value, flag in ((args.k, "--k"), (args.abs_threshold, "--abs-threshold"), (args.seqlen, "--seqlen"),
-                        (args.max_windows, "--max-windows"), (args.top_tokens, "--top-tokens")):
+    for value, flag in ((args.k, "--k"), (args.abs_threshold, "--abs-threshold"),
+                        (args.top_tokens, "--top-tokens")):
         _positive(value, flag)
     if args.outliers < 0:
         raise SpikequantError(f"--outliers must be >= 0, got {args.outliers}")
@@ -82,29 +66,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from spikequant.analysis.compare import FILES, fp_ppl, resolve_recipes, row_of, run_compare
+    from spikequant.compare import FILES, fp_ppl, resolve_recipes, run_compare
     from spikequant.pipeline import Session
+    from spikequant.reports import markdown_table, result_row, table_columns
 
     recipes = resolve_recipes(args.recipes)
-    _positive(args.seqlen, "--seqlen")
-    _positive(args.max_windows, "--max-windows")
     session = Session(model_source=args.model, data_dir=args.data_dir, dataset=args.dataset, split=args.split,
                       seqlen=args.seqlen, max_windows=args.max_windows, dtype=args.dtype, device=args.device,
                       progress=not args.no_progress)
 
     def show(rep: dict) -> None:
-        r = row_of(rep, None)
+        r = result_row(rep)
         hp = "" if r["hp_share"] is None else f", {100 * r['hp_share']:.2f}% high precision"
         kl = "" if r["kl"] is None else f", KL {r['kl']:.4f}, top-1 {r['top1']:.4f}"
         print(f"{r['recipe']:34s} PPL {r['ppl']:9.4g}{kl}{hp} ({r['wall_s']:.0f} s)", flush=True)
 
     reports = run_compare(session, recipes, args.output, args.resume, args.overwrite, show)
-    from spikequant.analysis.compare import COLUMNS
-    from spikequant.reports import markdown_table
-
     fp = fp_ppl(reports)
     print()
-    print(markdown_table([row_of(r, fp) for r in reports], COLUMNS))
+    print(markdown_table([result_row(r, fp) for r in reports], table_columns(reports, compare=True)))
     print("\nwrote " + ", ".join(str(Path(args.output) / f) for f in FILES.values()))
     return 0
 
@@ -112,8 +92,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="max |activation| of every decoder linear, spike detection, plot and "
                                        "a recipe keeping the spike layers")
-    _model_args(p)
-    _data_args(p, split="validation", windows=8)
+    add_model_args(p)
+    add_data_args(p, seqlen=512, max_windows=8, split="validation", kl=False)
     p.add_argument("--output", required=True, help="folder for spikes.json/.md/.png and spike-recipe.yaml")
     p.add_argument("--overwrite", action="store_true", help="replace existing analysis files in --output")
     p.add_argument("--k", type=float, default=50.0,
@@ -132,8 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("compare", help="several recipes on one model and text: one table, JSON and bar chart")
-    _model_args(p)
-    _data_args(p, split="test", windows=16)
+    add_model_args(p)
+    add_data_args(p, seqlen=512, max_windows=16, split="test", kl=False)
     p.add_argument("--recipes", nargs="+", default=list(DEFAULT_COMPARE),
                    help="preset names or .yaml/.json files (default: %(default)s)")
     p.add_argument("--output", required=True, help="folder for compare.json, compare.md and compare.png")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spikequant.analysis.spikes import LinearStats
+from spikequant.models.arch import ROLES
+from spikequant.stats import LinearStats
 
-ROLE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROLE_ORDER = ROLES
 
 
 def _pyplot():

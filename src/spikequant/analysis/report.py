@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import string
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from spikequant.analysis.spikes import LinearStats, SpikeRule, median_max_in
-from spikequant.errors import RecipeError
-from spikequant.quant.spec import QuantSpec
+from spikequant.algorithms.spike_exempt import exemption_slots
+from spikequant.recipes import Recipe
+from spikequant.stats import LinearStats, SpikeRule, median_max_in
 
-if TYPE_CHECKING:  # recipes import the modifiers, which import this module
-    from spikequant.recipes import Recipe
-
-PRECISIONS = ("float", "fp8_e4m3", "fp8_e5m2")
 _PUNCT = set(string.punctuation) | {"—", "–", "…", "“", "”", "‘", "’"}
 
 
@@ -125,24 +121,10 @@ def tokens_markdown(stats: list[LinearStats], detected: list[str], per_layer: in
     return "\n".join(rows)
 
 
-def exemption_slots(precision: str, dynamic: bool = True) -> dict[str, QuantSpec | None]:
-    """What a kept layer gets: float (weights, inputs and outputs unquantized: float on every side), FP8
-    E4M3 with per-tensor scales for weights and activations, or the unscaled FP8 E5M2 cast."""
-    if precision == "float":
-        return {"weights": None, "inputs": None, "outputs": None}
-    if precision == "fp8_e4m3":
-        return {"weights": QuantSpec(format="fp8_e4m3", granularity="tensor"),
-                "inputs": QuantSpec(format="fp8_e4m3", granularity="tensor", dynamic=dynamic)}
-    if precision == "fp8_e5m2":
-        return {"weights": QuantSpec(format="fp8_e5m2"), "inputs": QuantSpec(format="fp8_e5m2")}
-    raise RecipeError(f"precision {precision!r} not one of {', '.join(PRECISIONS)}")
-
-
 def spike_recipe(base: Recipe, detected: list[str], precision: str = "float", name: str | None = None,
                  note: str = "") -> dict[str, Any]:
     """``base`` with one override keeping the ``detected`` layers at ``precision``; detection modifiers
     of the base are dropped since the list now stands in the recipe (edit it freely)."""
-    from spikequant.recipes import Recipe
 
     data = base.to_dict()
     data["name"] = name or f"{base.name}-spike-list"

@@ -11,11 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from spikequant.errors import ModelLoadError
 from spikequant.models import LoadedModel, load_model
-from spikequant.quant import ModuleQuant, QuantizedModel, QuantSpec, attach
+from spikequant.quant import ModuleQuant, QuantizedModel, QuantSpec, attach, set_weight_qparams
+from spikequant.quant.apply import SLOTS
+from spikequant.quant.observers import STATE_KEYS
 from spikequant.recipes import Recipe
 from spikequant.transforms import expanded_config, original_sizes, restore_transforms, transform_state
 
-SLOTS = ("weights", "inputs", "outputs")
 MANIFEST = "spikequant.json"
 QPARAMS = "quantization.safetensors"
 FORMAT_VERSION = 1
@@ -47,6 +48,7 @@ def save_quantized(
         for name, q in quantizers.items():
             for k, v in q.state().items():
                 tensors[f"{name}.{kind}.{k}"] = v.contiguous()
+    attn_impl = qm.model.config._attn_implementation or "eager"
     save_file(tensors, str(out / QPARAMS), metadata={"format": "spikequant", "version": str(FORMAT_VERSION)})
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -57,6 +59,9 @@ def save_quantized(
             for n, m in qm.plan.items()
         },
         "findings": findings or {},
+        # transformers does not save the attention implementation; without it a model saved under eager
+        # reloads under sdpa, whose float rounding differs (and with it static scales' decisions).
+        "attn_implementation": attn_impl.removeprefix("spikequant_"),
     }
     if transforms is not None:
         manifest["transforms"] = transforms
@@ -82,7 +87,8 @@ def load_quantized(
     if not (path / QPARAMS).is_file():
         raise ModelLoadError(f"{path} has no {QPARAMS}: the save was interrupted or the file was removed")
     transforms = manifest.get("transforms")
-    loaded = load_model(str(path), dtype, device, config_overrides=expanded_config(transforms) or None)
+    loaded = load_model(str(path), dtype, device, config_overrides=expanded_config(transforms) or None,
+                        attn_implementation=manifest.get("attn_implementation"))
     try:
         restore_transforms(loaded.model, transforms)  # before attach: R4 and KV quantizers come first
     except ValueError as e:
@@ -95,13 +101,12 @@ def load_quantized(
     tensors = load_file(str(path / QPARAMS))
     for kind, quantizers in (("input", qm.inputs), ("output", qm.outputs)):
         for name, q in quantizers.items():
-            state = {k: tensors[f"{name}.{kind}.{k}"] for k in ("scale", "zero") if f"{name}.{kind}.{k}" in tensors}
+            state = {k: tensors[f"{name}.{kind}.{k}"] for k in STATE_KEYS if f"{name}.{kind}.{k}" in tensors}
             if q.needs_calibration and "scale" not in state:
                 raise ModelLoadError(f"{path}: static quantizer {name}.{kind} has no saved scale")
             q.load_state(state)
-    qm.weight_qparams = {
-        n: {k: tensors[f"{n}.weight.{k}"] for k in ("scale", "zero") if f"{n}.weight.{k}" in tensors}
-        for n in plan
-        if plan[n].weights is not None
-    }
+    for n, mq in plan.items():
+        if mq.weights is not None and f"{n}.weight.scale" in tensors:
+            set_weight_qparams(loaded.model.get_submodule(n), tensors[f"{n}.weight.scale"],
+                               tensors.get(f"{n}.weight.zero"))
     return loaded, qm, Recipe.from_dict(manifest["recipe"], f"{path / MANIFEST}"), manifest

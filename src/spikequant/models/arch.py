@@ -12,6 +12,9 @@ from torch import nn
 
 from spikequant.errors import UnsupportedArchitectureError
 
+# The seven decoder linears by role, in forward order (every family here names its modules by these roles).
+ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -37,19 +40,41 @@ class ArchSpec:
     q_norm: str | None = None
     k_norm: str | None = None
     qkv_bias: bool = False  # whether the family has q/k/v biases by default
+    # Structure: the MLP is gated (down(act(gate(x)) * up(x))); all four families here are.
+    gated_mlp: bool = True
+
+    def layer_path(self, i: int) -> str:
+        """Full module path of decoder layer ``i``."""
+        return f"{self.layers}.{i}"
+
+    def linear_name(self, i: int, role: str) -> str:
+        """Full module name of the ``role`` linear (``q_proj`` ... ``down_proj``) of layer ``i``."""
+        return f"{self.layers}.{i}.{self.linear_roles[role]}"
+
+    @property
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Linears of a layer that read the same input, in forward order (layer-relative paths): each
+        group shares one input tensor, so one Hessian (GPTQ) or one activation statistic serves it."""
+        return ((self.q_proj, self.k_proj, self.v_proj), (self.o_proj,), (self.gate_proj, self.up_proj),
+                (self.down_proj,))
+
+    @property
+    def fused_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Linears that serving engines (vLLM, TensorRT-LLM) fuse into one matmul (roles): every shard of
+        such a group must share one precision and one input quantizer to be servable."""
+        return (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+    def gptq_steps(self, true_sequential: bool) -> list[list[tuple[str, ...]]]:
+        """GPTQ's calibration steps of one layer, each a list of input groups. True-sequential: one step
+        per input, so later linears see the quantized output of earlier ones (as GPTQ and QuaRot run);
+        otherwise all groups in one step on the float layer."""
+        groups = list(self.input_groups)
+        return [[g] for g in groups] if true_sequential else [groups]
 
     @property
     def linear_roles(self) -> dict[str, str]:
         """Role name -> path (relative to a layer) of the seven decoder linears, in forward order."""
-        return {
-            "q_proj": self.q_proj,
-            "k_proj": self.k_proj,
-            "v_proj": self.v_proj,
-            "o_proj": self.o_proj,
-            "gate_proj": self.gate_proj,
-            "up_proj": self.up_proj,
-            "down_proj": self.down_proj,
-        }
+        return {role: getattr(self, role) for role in ROLES}
 
     @property
     def norm_consumers(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -132,7 +157,7 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     out: dict[str, nn.Linear] = {}
     for i, layer in enumerate(decoder_layers(model)):
         for rel in arch.linear_roles.values():
-            out[f"{arch.layers}.{i}.{rel}"] = get_module(layer, rel)  # type: ignore[assignment]
+            out[f"{arch.layer_path(i)}.{rel}"] = get_module(layer, rel)  # type: ignore[assignment]
     return out
 
 

@@ -137,13 +137,15 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     config_overrides: dict[str, object] | None = None,
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     ``name_or_path`` is a built-in name (``smollm2-135m``), a ``.gguf`` file, a local HF directory or a
     hub id. GGUF files are converted once and cached as safetensors (see :func:`cache_dir`).
     ``config_overrides`` are set on the config before the model is built (e.g. the widths of a
-    dimension-expanded model, saved with its original, validatable sizes).
+    dimension-expanded model, saved with its original, validatable sizes). ``attn_implementation``
+    (``eager``, ``sdpa``, ...) is passed to transformers; None keeps its default.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -156,6 +158,8 @@ def load_model(
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         kwargs: dict[str, object] = {}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
         if config_overrides:
             from transformers import AutoConfig
 

@@ -33,9 +33,9 @@ class KVQuantizer(ActivationQuantizer):
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__(check_kv_spec(spec))
 
-    def __call__(self, states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return states
         b, h, t, d = states.shape
         tokens = states.transpose(1, 2).reshape(b, t, h * d)
-        return super().__call__(tokens).view(b, t, h, d).transpose(1, 2)
+        return super().forward(tokens).view(b, t, h, d).transpose(1, 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from spikequant.errors import RecipeError
+from spikequant.errors import RecipeError, check_keys
 
 FORMATS = ("int", "fp8_e4m3", "fp8_e5m2")
 GRANULARITIES = ("tensor", "channel", "token", "group")
@@ -103,10 +103,7 @@ class QuantSpec:
             return None
         if not isinstance(data, dict):
             raise RecipeError(f"{where}: expected a mapping or null, got {type(data).__name__}")
-        allowed = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in allowed:
-                raise RecipeError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+        check_keys(data, {f.name for f in fields(cls)}, where)
         try:
             return cls(**data)
         except RecipeError as e:

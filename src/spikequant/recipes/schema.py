@@ -10,18 +10,12 @@ from typing import Any
 import yaml
 
 from spikequant.algorithms.base import Modifier, modifier_from_dict
-from spikequant.errors import RecipeError
+from spikequant.errors import RecipeError, check_keys
+from spikequant.quant.apply import SLOTS
 from spikequant.quant.spec import QuantSpec
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DECODER_LINEARS = "decoder_linears"  # target keyword: every q/k/v/o/gate/up/down of every layer
-SLOTS = ("weights", "inputs", "outputs")
-
-
-def _check_keys(data: dict, allowed: set[str], where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            raise RecipeError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
 
 
 @dataclass(frozen=True)
@@ -37,7 +31,7 @@ class Calibration:
             return cls()
         if not isinstance(data, dict):
             raise RecipeError(f"{where}: expected a mapping")
-        _check_keys(data, {"dataset", "split", "num_samples", "seqlen"}, where)
+        check_keys(data, {"dataset", "split", "num_samples", "seqlen"}, where)
         c = cls(**data)
         for k in ("num_samples", "seqlen"):
             v = getattr(c, k)
@@ -92,7 +86,7 @@ class Recipe:
     def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: a recipe is a mapping, got {type(data).__name__}")
-        _check_keys(data, {"name", "description", "seed", *SLOTS, "targets", "overrides", "calibration",
+        check_keys(data, {"name", "description", "seed", *SLOTS, "targets", "overrides", "calibration",
                            "modifiers"}, source)
         if "name" not in data or not isinstance(data["name"], str):
             raise RecipeError(f"{source}: 'name' (a string) is required")
@@ -109,7 +103,7 @@ class Recipe:
             where = f"{source}: overrides[{i}]"
             if not isinstance(o, dict) or "match" not in o:
                 raise RecipeError(f"{where}: needs a 'match' key (a pattern or list of patterns)")
-            _check_keys(o, {"match", *SLOTS}, where)
+            check_keys(o, {"match", *SLOTS}, where)
             match = [o["match"]] if isinstance(o["match"], str) else o["match"]
             slots = {s: QuantSpec.from_dict(o[s], f"{where}.{s}") for s in SLOTS if s in o}
             overrides.append(Override(tuple(match), slots))

@@ -56,7 +56,7 @@ def residual_norm_paths(model: nn.Module) -> list[str]:
     arch = get_arch(model)
     paths = []
     for i in range(len(decoder_layers(model))):
-        paths += [f"{arch.layers}.{i}.{arch.input_norm}", f"{arch.layers}.{i}.{arch.post_attn_norm}"]
+        paths += [f"{arch.layer_path(i)}.{arch.input_norm}", f"{arch.layer_path(i)}.{arch.post_attn_norm}"]
     return paths + [arch.final_norm]
 
 
@@ -65,7 +65,7 @@ def all_norm_paths(model: nn.Module) -> list[str]:
     arch = get_arch(model)
     paths = residual_norm_paths(model)
     for i in range(len(decoder_layers(model))):
-        paths += [f"{arch.layers}.{i}.{p}" for p in (arch.q_norm, arch.k_norm) if p is not None]
+        paths += [f"{arch.layer_path(i)}.{p}" for p in (arch.q_norm, arch.k_norm) if p is not None]
     return paths
 
 
@@ -117,7 +117,7 @@ def fuse_norms(model: nn.Module) -> None:
     untie_embeddings(model)
     groups: list[tuple[str, list[str]]] = []
     for i, _ in enumerate(decoder_layers(model)):
-        base = f"{arch.layers}.{i}."
+        base = arch.layer_path(i) + "."
         groups += [(base + norm, [base + p for p in consumers]) for norm, consumers in arch.norm_consumers]
     groups.append((arch.final_norm, [arch.lm_head]))
     for norm_path, consumers in groups:

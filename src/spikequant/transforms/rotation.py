@@ -105,7 +105,7 @@ def rotate_residual(model: nn.Module, rot: Rotation) -> None:
     readers = [arch.lm_head]
     writers = []
     for i in range(dims.num_layers):
-        base = f"{arch.layers}.{i}."
+        base = arch.layer_path(i) + "."
         readers += [base + p for p in arch.residual_readers]
         writers += [base + p for p in arch.residual_writers]
     for path in readers:

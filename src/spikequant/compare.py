@@ -17,40 +17,22 @@ from spikequant.errors import SpikequantError
 from spikequant.pipeline import Session
 from spikequant.quant import QuantizedModel
 from spikequant.recipes import Recipe, load_recipe
-from spikequant.reports import environment, markdown_table, provenance_markdown, write_json, write_text
+from spikequant.reports import (
+    environment,
+    markdown_table,
+    provenance_markdown,
+    result_row,
+    table_columns,
+    write_json,
+    write_text,
+)
 
 FILES = {"json": "compare.json", "markdown": "compare.md", "plot": "compare.png"}
-
-COLUMNS = [
-    ("recipe", "recipe"), ("ppl", "PPL"), ("ppl_vs_fp", "PPL / FP"), ("kl", "KL"), ("top1", "top-1"),
-    ("hp_pct", "high-prec. params %"), ("weight_bits", "bits/weight"), ("wall_s", "wall s"),
-]
-
 
 def float_linear_share(qm: QuantizedModel | None) -> float | None:
     """Share of decoder-linear parameters in linears whose weights *or* inputs are not integer-quantized
     (stricter than ``high_precision_share``, which looks at the weights only)."""
     return None if qm is None else qm.high_precision_share(("weights", "inputs"))
-
-
-def row_of(report: dict[str, Any], fp_ppl: float | None) -> dict[str, Any]:
-    q = report.get("quantization") or {}
-    f = q.get("findings") or {}
-    t = report.get("timings", {})
-    return {
-        "recipe": report["recipe"]["name"],
-        "ppl": report["ppl"],
-        "ppl_vs_fp": None if fp_ppl is None else report["ppl"] / fp_ppl,
-        "kl": report["kl"],
-        "top1": report["top1"],
-        "hp_share": q.get("high_precision_share", 0.0 if report["recipe"]["name"] == "fp" else None),
-        "float_linear_share": q.get("float_linear_share"),
-        # an int 0 prints as "0", where 0.0 would print as "0.0000" in the markdown table
-        "hp_pct": None if q.get("high_precision_share") is None else (round(100 * q["high_precision_share"], 2) or 0),
-        "weight_bits": q.get("effective_weight_bits"),
-        "wall_s": round(t.get("wall_s", t.get("quantize_s", 0.0) + t.get("eval_s", 0.0)), 1),
-        "kept_layers": f.get("spike_layers") or f.get("random_layers") or q.get("float_linears") or [],
-    }
 
 
 def _settings(session: Session) -> dict[str, Any]:
@@ -78,11 +60,11 @@ def fp_ppl(reports: list[dict[str, Any]]) -> float | None:
 
 def write_outputs(out: Path, reports: list[dict[str, Any]], settings: dict[str, Any], pending: list[str]) -> None:
     fp = fp_ppl(reports)
-    rows = [row_of(r, fp) for r in reports]
+    rows = [result_row(r, fp) for r in reports]
     write_json({"settings": settings, "rows": rows, "pending": pending, "results": reports}, out / FILES["json"])
     title = (f"{settings['model']} on {settings['dataset']}:{settings['split']}, "
              f"{reports[0]['data']['windows']} windows x {settings['seqlen']} tokens")
-    parts = [f"# spikequant compare: {title}", "", markdown_table(rows, COLUMNS), "",
+    parts = [f"# spikequant compare: {title}", "", markdown_table(rows, table_columns(reports, compare=True)), "",
              "`high-prec. params %`: share of decoder-linear weights not integer-quantized; `wall s`: quantize + "
              "evaluate (the FP reference pass is shared and not included).", ""]
     if pending:
