@@ -247,3 +247,47 @@ def test_sigkill_then_resume_gives_identical_ratios(tmp_path, mode):
     assert _run(d, mode) == 0
     assert (d / "ratios.json").read_bytes() == reference
     assert load_ratio_file(d / "ratios.json")  # loadable by the clip_ratios modifier
+
+
+@pytest.mark.parametrize("preset", ["gbs-rtn-w4a4kv4", "gbs-w3a3kv3"])
+def test_gbs_presets_run_in_the_pipeline_and_reload_bit_identical(tmp_path, preset):
+    """``eval --recipe gbs-…`` and ``quantize`` → ``eval --model DIR`` see the same model: the searched
+    ratios live on the quantizers, are saved with them and come back."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from spikequant.export import load_quantized, save_quantized
+
+    windows = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+    model = tiny_model("llama", seed=7)
+    recipe = load_recipe(preset)
+    qm, findings = quantize(model, recipe, windows, progress=False)
+    ratios = findings["gbs"]["ratios"]
+    assert len(ratios) == 2 and all(len(e) == 8 for e in ratios.values())
+    assert any(r != 1.0 for e in ratios.values() for r in e.values())
+    with torch.no_grad():
+        before = model(windows).logits
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)},
+                                                                              unk_token="t0")), unk_token="t0")
+    save_quantized(qm, tok, recipe, "tiny", tmp_path / "q", findings)
+    loaded, qm2, _, _ = load_quantized(tmp_path / "q", device="cpu")
+    with torch.no_grad():
+        after = loaded.model(windows).logits
+    assert torch.equal(before, after)
+    index = activation_quantizers(qm2)
+    for layer, entries in ratios.items():
+        for key, r in entries.items():
+            assert all(q.spec.clip_ratio == r for q in index[(int(layer), key)])
+
+
+def test_search_cli_refuses_test_text_and_a_used_folder(tmp_path, capsys):
+    from spikequant.cli import main
+
+    assert main(["search", "--recipe", "gbs-w4a4kv4", "--calib-split", "test", "--output", str(tmp_path / "a")]) == 2
+    assert "never calibrates on the evaluation text" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("")
+    assert main(["search", "--recipe", "gbs-w4a4kv4", "--output", str(tmp_path / "b")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["search", "--recipe", "gbs-w4a4kv4", "--output", str(tmp_path / "c"), "--resume"]) == 2
+    assert "no search state" in capsys.readouterr().err

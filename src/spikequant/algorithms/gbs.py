@@ -218,7 +218,7 @@ def _nll_of_hidden(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
                  .to(torch.float64))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def calibration_ppl(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Perplexity of the whole model over ``windows`` (N, seqlen), each window alone, NLL averaged over
     every predicted token: the paper's objective."""
@@ -346,7 +346,7 @@ class _Search:
                 return [(_run_layer(self.layers[j], h, kw), kw) for h, kw in hs]
         return [(_run_layer(self.layers[j], h, kw), kw) for h, kw in hs]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def objective(self, layer: int, key: str) -> float:
         obj = self.config.resolved_objective
         if self.config.mode == "exact":
@@ -439,7 +439,7 @@ class _Search:
         return SlotResult(layer, key, st["m"], st["fm"], st["probes"], prior + time.perf_counter() - t_slot)
 
     # the loop -----------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def run(self) -> GBSResult:
         cfg = self.config
         qs = _all_quantizers(self.qm)

@@ -130,10 +130,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from spikequant.cli import _add_model_args, positive_int
+    from spikequant.cli_args import add_model_args, positive_int
 
     p = sub.add_parser("search", help="Gradual Binary Search of per-layer activation clip ratios (GBS)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--recipe", default=None,
                    help="preset name or .yaml/.json file to quantize by first (not with a saved --model)")
     p.add_argument("--data-dir", default=None, help="folder holding wikitext-2/ (or $SPIKEQUANT_DATA_DIR)")
