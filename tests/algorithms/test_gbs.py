@@ -291,3 +291,16 @@ def test_search_cli_refuses_test_text_and_a_used_folder(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["search", "--recipe", "gbs-w4a4kv4", "--output", str(tmp_path / "c"), "--resume"]) == 2
     assert "no search state" in capsys.readouterr().err
+
+
+def test_horizon_runs_the_following_layers_and_the_last_layer_stops_at_the_model_end():
+    model, qm = _quantized(layers=3)
+    res = gbs_search(qm, WINDOWS, GBSConfig("fast", iterations=1, horizon=2), progress=False)
+    n = len(WINDOWS)
+    # layers 0 and 1 run one more layer per probe (16 slots x 2 probes), layer 2 has none after it
+    assert res.layer_forwards >= 2 * 8 * 2 * n
+    _, qm1 = _quantized(layers=3)
+    one = gbs_search(qm1, WINDOWS, GBSConfig("fast", iterations=1), progress=False)
+    assert one.slots[0].probes[0][1] != res.slots[0].probes[0][1]  # measured two layers on: another value
+    with pytest.raises(ValueError, match="horizon"):
+        GBSConfig(horizon=0)

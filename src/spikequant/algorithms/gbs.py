@@ -72,8 +72,10 @@ class GBSConfig:
     reverse: bool = False
     layers: int | None = None
     batch_size: int = 4
+    horizon: int = 1  # objective "layer": measure the error this many layers on (1: the slot's own block)
 
     def __post_init__(self) -> None:
+        require_positive_int(self.horizon, "horizon")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.objective is not None and self.objective not in OBJECTIVES:
@@ -381,8 +383,26 @@ class _Search:
                 self.sublayer_forwards["attention"] += len(self.windows)
             ys = [_mlp_part(arch, mod, r) for r in self._cache[("q_mid", layer)]]
         self.sublayer_forwards[part] += len(self.windows)
+        target = self._cache[("ref_" + part, layer)]
+        last = min(layer + self.config.horizon, len(self.layers)) - 1
+        if last > layer:  # horizon: finish layer l, then the next layers (in the current state) as well
+            kws = [kw for _, kw in hs]
+            if ("ref_h", layer) not in self._cache:
+                ref = self._cache[("ref_mlp", layer)]
+                with _float_activations(self.qm):
+                    for j in range(layer + 1, last + 1):
+                        ref = [_run_layer(self.layers[j], r, kw) for r, kw in zip(ref, kws, strict=True)]
+                self._cache[("ref_h", layer)] = ref
+                self.layer_forwards += len(self.windows) * (last - layer)
+            if part == "attention":
+                ys = [_mlp_part(arch, mod, y) for y in ys]
+                self.sublayer_forwards["mlp"] += len(self.windows)
+            for j in range(layer + 1, last + 1):
+                ys = [_run_layer(self.layers[j], y, kw) for y, kw in zip(ys, kws, strict=True)]
+            self.layer_forwards += len(self.windows) * (last - layer)
+            target = self._cache[("ref_h", layer)]
         err, count = 0.0, 0
-        for y, r in zip(ys, self._cache[("ref_" + part, layer)], strict=True):
+        for y, r in zip(ys, target, strict=True):
             y, r = y.float(), r.float()
             e = (y - r).pow(2).sum(-1) / r.pow(2).sum(-1).clamp_min(1e-30)
             err += float(e.sum(dtype=torch.float64))
@@ -580,6 +600,7 @@ class GBS(Modifier):
     layers: int | None = None
     num_samples: int | None = None
     batch_size: int = 4
+    horizon: int = 1
 
     def __post_init__(self) -> None:
         self.config()  # validate now: a bad value is a RecipeError at load time
@@ -588,7 +609,7 @@ class GBS(Modifier):
 
     def config(self) -> GBSConfig:
         return GBSConfig(self.mode, self.objective, self.iterations, self.epsilon, self.reverse, self.layers,
-                         self.batch_size)
+                         self.batch_size, self.horizon)
 
     def apply(self, ctx: QuantContext) -> None:
         qm = getattr(ctx, "qm", None)

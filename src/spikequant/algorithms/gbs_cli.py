@@ -45,7 +45,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         "validation or train")
     try:
         config = GBSConfig(args.mode, args.objective, args.iterations, args.epsilon, args.reverse, args.layers,
-                           args.batch_size)
+                           args.batch_size, args.horizon)
     except ValueError as e:
         raise SpikequantError(f"search: {e}") from None
     saved = is_quantized_dir(args.model)
@@ -148,6 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["exact", "fast"], default="fast")
     p.add_argument("--objective", choices=["layer", "ppl"], default=None,
                    help="fast mode's objective (default layer; exact mode: ppl)")
+    p.add_argument("--horizon", type=positive_int, default=1,
+                   help="fast mode, objective layer: measure the error this many layers on (default: 1)")
     p.add_argument("--reverse", action="store_true", help="visit layers (and slots) from last to first")
     p.add_argument("--layers", type=positive_int, default=None,
                    help="search only the first K layers of the visiting order; the rest pass through")
