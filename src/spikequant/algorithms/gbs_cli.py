@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from spikequant.errors import DataError, SpikequantError
 
 
@@ -93,7 +95,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     elif test is not None and (out / "eval_clip1.json").is_file():
         evals["clip1"] = json.loads((out / "eval_clip1.json").read_text())["test"]["clip1"]
     clip1 = calibration_ppl(loaded.model, windows, args.batch_size)
-    res = gbs_search(qm, windows, config, state_path=state, progress=progress)
+    # Inference mode like the evaluations around it: buffers that a transform caches during an evaluation
+    # (inference tensors) may not be written outside inference mode.
+    with torch.inference_mode():
+        res = gbs_search(qm, windows, config, state_path=state, progress=progress)
     if test is not None:
         evals["gbs"] = evaluate(loaded.model, test, reference, progress, "eval GBS").to_dict()
         evals["windows"], evals["seqlen"], evals["text_sha256"] = len(test), args.eval_seqlen, ttext.sha256
