@@ -83,25 +83,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not saved:
         qm, findings = quantize(loaded.model, recipe, recipe_calibration, progress)
     quantize_s = time.perf_counter() - t
-    test, reference = None, None
-    if args.eval_windows:
-        ttext = load_text(args.dataset, "test", args.data_dir)
-        test = eval_windows(tokenize(loaded.tokenizer, ttext), args.eval_seqlen, args.eval_windows)
-        reference = reference_logprobs(load_model(base_model, args.dtype, args.device).model, test, progress)
-    evals = {}
-    if test is not None and not args.resume:  # a resumed run reads the clip-1.0 row from the first run
-        evals["clip1"] = evaluate(loaded.model, test, reference, progress, "eval clip 1.0").to_dict()
-        write_json({"test": evals}, out / "eval_clip1.json")
-    elif test is not None and (out / "eval_clip1.json").is_file():
-        evals["clip1"] = json.loads((out / "eval_clip1.json").read_text())["test"]["clip1"]
-    clip1 = calibration_ppl(loaded.model, windows, args.batch_size)
-    # Inference mode like the evaluations around it: buffers that a transform caches during an evaluation
-    # (inference tensors) may not be written outside inference mode.
+    # All in inference mode, as the evaluations are: buffers a transform caches during one of them are
+    # inference tensors, which may not be written outside inference mode afterwards.
     with torch.inference_mode():
+        test, reference = None, None
+        if args.eval_windows:
+            ttext = load_text(args.dataset, "test", args.data_dir)
+            test = eval_windows(tokenize(loaded.tokenizer, ttext), args.eval_seqlen, args.eval_windows)
+            reference = reference_logprobs(load_model(base_model, args.dtype, args.device).model, test, progress)
+        evals = {}
+        if test is not None and not args.resume:  # a resumed run reads the clip-1.0 row from the first run
+            evals["clip1"] = evaluate(loaded.model, test, reference, progress, "eval clip 1.0").to_dict()
+            write_json({"test": evals}, out / "eval_clip1.json")
+        elif test is not None and (out / "eval_clip1.json").is_file():
+            evals["clip1"] = json.loads((out / "eval_clip1.json").read_text())["test"]["clip1"]
+        clip1 = calibration_ppl(loaded.model, windows, args.batch_size)
         res = gbs_search(qm, windows, config, state_path=state, progress=progress)
-    if test is not None:
-        evals["gbs"] = evaluate(loaded.model, test, reference, progress, "eval GBS").to_dict()
-        evals["windows"], evals["seqlen"], evals["text_sha256"] = len(test), args.eval_seqlen, ttext.sha256
+        if test is not None:
+            evals["gbs"] = evaluate(loaded.model, test, reference, progress, "eval GBS").to_dict()
+            evals["windows"], evals["seqlen"], evals["text_sha256"] = len(test), args.eval_seqlen, ttext.sha256
     if args.save:
         save_quantized(qm, loaded.tokenizer, recipe, base_model, args.save,
                        {**findings, "gbs": {"ratios": {str(i): e for i, e in res.ratios.items()}}})
