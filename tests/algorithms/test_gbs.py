@@ -253,6 +253,7 @@ def test_sigkill_then_resume_gives_identical_ratios(tmp_path, mode, kills, twice
     assert load_ratio_file(tmp_path / "full" / "ratios.json")  # loadable by the clip_ratios modifier
 
 
+@pytest.mark.parametrize("preset", ["gbs-rtn-w4a4kv4", "gbs-w3a3kv3"])
 def test_gbs_presets_run_in_the_pipeline_and_reload_bit_identical(tmp_path, preset):
     """``eval --recipe gbs-…`` and ``quantize`` → ``eval --model DIR`` see the same model: the searched
     ratios live on the quantizers, are saved with them and come back."""
