@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the built-in recipe presets")
     p.set_defaults(func=cmd_recipes)
 
-    for module in ("spikequant.hadamard.cli", "spikequant.analysis.cli"):
+    for module in ("spikequant.hadamard.cli", "spikequant.analysis.cli", "spikequant.algorithms.gbs_cli"):
         try:
             __import__(module, fromlist=["register"]).register(sub)
         except ModuleNotFoundError as e:

@@ -1,0 +1,627 @@
+"""Gradual Binary Search (GBS): per-(layer, quantizer) activation clip ratios by bisection on an objective.
+
+The paper's procedure, as its code runs it (``lucasmaisonnave/Gradual-Binary-Search``,
+``QuaRot/fake_quant/RotateGridSearch.py``, ``GridSearch.search``):
+
+- weights are quantized before the search; the V cache is quantized in every layer from the start; the
+  activation and K-cache quantizers of slots not yet searched pass through (the code starts them at 16
+  bits): the model is quantized gradually;
+- layers 0 → L−1 (``reverse``: L−1 → 0, slots in reverse too, as the code's ``inv``), eight slots per
+  layer in :data:`SLOTS` order; the ``v_proj`` ratio also clips the V cache;
+- per slot: [a, b] = [0, 1], m = 0.5, f(m); then up to ``iterations`` times while b − a > ``epsilon``:
+  x = (a+m)/2 on even iterations, (m+b)/2 on odd ones; if f(x) < f(m) the interval moves to x's side of
+  m and m ← x, else x's side is cut off. The slot is frozen at m. One evaluation per iteration (the
+  paper's text says two; the code does one, and so do we).
+
+Two modes share that search space and accept rule:
+
+- ``exact``: f = perplexity of the whole model on the calibration windows, nothing cached: the paper's
+  objective (its calibration text is a contiguous 10 % prefix of WikiText-2 train).
+- ``fast`` (ours): the hidden states entering layer l do not change while l is searched (earlier slots
+  are frozen, later ones pass through), so they are computed once per layer and every probe runs layer
+  l only. ``objective: layer`` scores a probe by the relative error of layer l's output against the same
+  layer in the reference stream (quantized weights, float activations and KV cache), averaged over
+  tokens: ‖y − y_ref‖² / ‖y_ref‖². ``objective: ppl`` keeps the paper's perplexity and only skips the
+  prefix (layers before l run once per layer, not once per probe).
+
+The state is written atomically after every probe (:func:`gbs_search` ``state_path``); a run killed at
+any point resumes to the same ratios.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from spikequant.algorithms.base import Modifier, QuantContext, register, require_positive_int
+from spikequant.algorithms.clip_ratios import QUANTIZER_KEYS, Ratios, activation_quantizers, set_clip_ratio
+from spikequant.errors import RecipeError, SpikequantError
+from spikequant.models import ArchSpec, decoder_layers, get_arch
+from spikequant.models.runner import capture_inputs, layer_output, stopped, stopping_at
+from spikequant.quant import ActivationQuantizer, QuantizedModel
+from spikequant.transforms import installed_attention_transforms
+
+SLOTS = QUANTIZER_KEYS  # q_proj, k_proj, v_proj, k_cache, o_proj, gate_proj, up_proj, down_proj
+MODES = ("exact", "fast")
+OBJECTIVES = ("layer", "ppl")
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GBSConfig:
+    """What one search does. ``layers`` limits the search to the first k layers of the visiting order
+    (the others stay pass-through), for comparisons that must fit a small budget."""
+
+    mode: str = "fast"
+    objective: str | None = None  # fast mode: layer (default) or ppl; exact mode: ppl only
+    iterations: int = 10
+    epsilon: float = 1e-3
+    reverse: bool = False
+    layers: int | None = None
+    batch_size: int = 4
+    horizon: int = 1  # objective "layer": measure the error this many layers on (1: the slot's own block)
+
+    def __post_init__(self) -> None:
+        require_positive_int(self.horizon, "horizon")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.mode == "exact" and self.objective not in (None, "ppl"):
+            raise ValueError("exact mode's objective is the perplexity (objective: ppl)")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"iterations must be an integer >= 0, got {self.iterations!r}")
+        if not 0 < self.epsilon < 1:
+            raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
+        if self.layers is not None:
+            require_positive_int(self.layers, "layers")
+        require_positive_int(self.batch_size, "batch_size")
+
+    @property
+    def resolved_objective(self) -> str:
+        return "ppl" if self.mode == "exact" else (self.objective or "layer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "objective": self.resolved_objective}
+
+
+# --- the bisection, as pure functions ---------------------------------------------------------------
+
+def next_probe(a: float, m: float, b: float, iteration: int) -> float:
+    """The code's probe order: left of m on even iterations, right of m on odd ones."""
+    return (a + m) / 2 if iteration % 2 == 0 else (m + b) / 2
+
+
+def accept(a: float, m: float, b: float, fm: float, x: float, fx: float) -> tuple[float, float, float, float]:
+    """The accept rule: a better x becomes m and the interval keeps x's side of the old m; a worse x cuts
+    its own side off. Returns the new (a, m, b, fm)."""
+    if fx < fm:
+        if x < m:
+            b = m
+        else:
+            a = m
+        return a, x, b, fx
+    if x < m:
+        a = x
+    else:
+        b = x
+    return a, m, b, fm
+
+
+# --- state on disk ------------------------------------------------------------------------------------
+
+def fingerprint(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    """Write, flush and fsync a temporary file beside ``path``, then rename it over ``path``: a reader (or a
+    resumed run) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class SlotResult:
+    layer: int
+    key: str
+    ratio: float
+    objective: float
+    probes: list[list[float]]  # [x, f(x)] in evaluation order
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GBSResult:
+    config: GBSConfig
+    slots: list[SlotResult]
+    ratios: Ratios
+    probes: int
+    layer_forwards: int  # whole decoder-layer forwards, counted per window
+    sublayer_forwards: dict[str, int]  # fast mode: attention-only / MLP-only runs of a layer, per window
+    search_seconds: float  # this process's time in the search (a resumed run adds the earlier runs')
+    calib_ppl: float  # calibration perplexity at the end of the search (in the search's own setting)
+    windows: int
+    seqlen: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["config"] = self.config.to_dict()
+        d["slots"] = [s.to_dict() for s in self.slots]
+        d["ratios"] = {str(i): e for i, e in sorted(self.ratios.items())}
+        return d
+
+
+# --- running the model: the shared layer runner (spikequant.models.runner) -----------------------------
+
+ATTENTION_SLOTS = ("q_proj", "k_proj", "v_proj", "k_cache", "o_proj")
+
+
+def _capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[Any, dict]]:
+    return list(capture_inputs(model, windows, batch_size))
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
+    return layer_output(layer(hidden, **kw))
+
+
+def _attention_part(arch: ArchSpec, layer: nn.Module, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
+    """The residual stream after a layer's attention block (the input of its post-attention norm); the
+    MLP is not run."""
+    caught: list[torch.Tensor] = []
+    norm = layer.get_submodule(arch.post_attn_norm)
+    handle = norm.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
+    try:
+        with stopping_at(norm), stopped():
+            layer(hidden, **kw)
+    finally:
+        handle.remove()
+    return caught[0]
+
+
+def _mlp_part(arch: ArchSpec, layer: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """The rest of a pre-norm decoder layer from its post-attention residual: r + mlp(norm(r))."""
+    mlp = layer.get_submodule(arch.gate_proj.rsplit(".", 1)[0])
+    return residual + mlp(layer.get_submodule(arch.post_attn_norm)(residual))
+
+
+def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [windows[b:b + batch_size] for b in range(0, len(windows), batch_size)]
+
+
+def _nll_of_hidden(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+    arch = get_arch(model)
+    h = model.get_submodule(arch.final_norm)(hidden)
+    logits = model.get_submodule(arch.lm_head)(h)[:, :-1].float()
+    t = targets[:, 1:].to(logits.device)
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum")
+                 .to(torch.float64))
+
+
+@torch.no_grad()
+def calibration_ppl(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Perplexity of the whole model over ``windows`` (N, seqlen), each window alone, NLL averaged over
+    every predicted token: the paper's objective."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for batch in _batches(windows, batch_size):
+        logits = model(batch.to(device), use_cache=False).logits[:, :-1].float()
+        t = batch[:, 1:].to(device)
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum")
+                     .to(torch.float64))
+        count += t.numel()
+    return math.exp(nll / count)
+
+
+def _all_quantizers(qm: QuantizedModel) -> list[ActivationQuantizer]:
+    out: list[ActivationQuantizer] = [q for _, q in qm.quantizers()]
+    for t in installed_attention_transforms(qm.model) or []:
+        out += [q for q in (t.k_quantizer, t.v_quantizer) if q is not None]
+    return out
+
+
+@contextmanager
+def _float_activations(qm: QuantizedModel) -> Iterator[None]:
+    """The reference stream: quantized weights, every activation and KV quantizer off."""
+    qs = _all_quantizers(qm)
+    before = [q.enabled for q in qs]
+    for q in qs:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, e in zip(qs, before, strict=True):
+            q.enabled = e
+
+
+# --- the search -----------------------------------------------------------------------------------------
+
+class _Search:
+    def __init__(self, qm: QuantizedModel, windows: torch.Tensor, config: GBSConfig,
+                 state_path: str | Path | None, progress: bool,
+                 on_probe: Callable[[str, int], None] | None) -> None:
+        self.qm, self.windows, self.config = qm, windows, config
+        self.model = qm.model
+        self.layers = decoder_layers(self.model)
+        self.index = activation_quantizers(qm)
+        self.state_path = None if state_path is None else Path(state_path)
+        self.progress, self.on_probe = progress, on_probe
+        n = len(self.layers)
+        order = list(range(n))[::-1] if config.reverse else list(range(n))
+        if config.layers is not None:
+            if config.layers > n:
+                raise RecipeError(f"gbs: layers={config.layers} but the model has {n} decoder layers")
+            order = order[:config.layers]
+        slot_order = SLOTS[::-1] if config.reverse else SLOTS
+        self.plan = [(i, k) for i in order for k in slot_order if (i, k) in self.index]
+        if not self.plan:
+            raise RecipeError("gbs: the model has no quantized activation or KV-cache slot to search")
+        self.v_cache = {id(q) for (_, k), qs in self.index.items() if k == "v_cache" for q in qs}
+        self.batches = _batches(windows, config.batch_size)
+        self.probes = 0
+        self.layer_forwards = 0
+        self.sublayer_forwards = {"attention": 0, "mlp": 0}
+        self.arch = get_arch(self.model)
+        self.seconds = 0.0
+        self._cache: dict[str, Any] = {}
+
+    # state --------------------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "config": self.config.to_dict(), "windows_sha256": fingerprint(self.windows),
+                "windows": list(self.windows.shape), "plan": [[i, k] for i, k in self.plan]}
+
+    def load_state(self) -> dict[str, Any] | None:
+        if self.state_path is None or not self.state_path.is_file():
+            return None
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise SpikequantError(f"gbs: state file {self.state_path} is not valid JSON") from None
+        mine = self.identity()
+        for key in mine:
+            if state.get(key) != mine[key]:
+                raise SpikequantError(f"gbs: state file {self.state_path} was written by a different search "
+                                      f"({key} differs); use a new output folder or the same settings")
+        return state
+
+    def save_state(self, done: list[SlotResult], current: dict[str, Any] | None) -> None:
+        if self.state_path is None:
+            return
+        write_json_atomic({**self.identity(), "done": [s.to_dict() for s in done], "current": current,
+                           "counters": {"probes": self.probes, "layer_forwards": self.layer_forwards,
+                                        "sublayer_forwards": self.sublayer_forwards,
+                                        "seconds": self.seconds}}, self.state_path)
+
+    # quantizer states ---------------------------------------------------------------------------------
+    def set_slot(self, layer: int, key: str, ratio: float) -> None:
+        for q in self.index[(layer, key)]:
+            q.enabled = True
+        set_clip_ratio(self.qm, layer, key, ratio, self.index)
+
+    # objectives ---------------------------------------------------------------------------------------
+    def layer_inputs(self, layer: int, stream: str) -> list[tuple[torch.Tensor, dict]]:
+        """The (hidden, kwargs) batches entering ``layer`` in the current state (``stream`` "q") or with
+        float activations ("ref"); computed from layer 0's inputs, kept for the next layer when the order
+        is forward (the same operations either way, so a resumed run sees the same tensors)."""
+        key = (stream, layer)
+        if key in self._cache:
+            return self._cache[key]
+        if "h0" not in self._cache:
+            self._cache["h0"] = _capture(self.model, self.windows, self.config.batch_size)
+        start, hs = 0, self._cache["h0"]
+        for j in range(layer, 0, -1):  # nearest cached earlier layer of this stream
+            if (stream, j) in self._cache:
+                start, hs = j, self._cache[(stream, j)]
+                break
+        for j in range(start, layer):
+            hs = self.run_layer(j, hs, stream)
+        self._cache = {k: v for k, v in self._cache.items() if k == "h0" or k[0] != stream}
+        self._cache[key] = hs
+        return hs
+
+    def run_layer(self, j: int, hs: list[tuple[torch.Tensor, dict]], stream: str):
+        self.layer_forwards += len(self.windows)
+        if stream == "ref":
+            with _float_activations(self.qm):
+                return [(_run_layer(self.layers[j], h, kw), kw) for h, kw in hs]
+        return [(_run_layer(self.layers[j], h, kw), kw) for h, kw in hs]
+
+    @torch.no_grad()
+    def objective(self, layer: int, key: str) -> float:
+        obj = self.config.resolved_objective
+        if self.config.mode == "exact":
+            self.layer_forwards += len(self.windows) * len(self.layers)
+            return calibration_ppl(self.model, self.windows, self.config.batch_size)
+        hs = self.layer_inputs(layer, "q")
+        if obj == "ppl":
+            nll, count = 0.0, 0
+            for (h, kw), batch in zip(hs, self.batches, strict=True):
+                for j in range(layer, len(self.layers)):
+                    h = _run_layer(self.layers[j], h, kw)
+                nll += _nll_of_hidden(self.model, h, batch)
+                count += batch[:, 1:].numel()
+            self.layer_forwards += len(self.windows) * (len(self.layers) - layer)
+            return math.exp(nll / count)
+        # objective "layer": the searched slot's own block (attention or MLP) of layer l, against the same
+        # block in the reference stream; blocks before it come from the cache.
+        arch, mod = self.arch, self.layers[layer]
+        part = "attention" if key in ATTENTION_SLOTS else "mlp"
+        if ("ref_" + part, layer) not in self._cache:
+            ref_in = self.layer_inputs(layer, "ref")
+            with _float_activations(self.qm):
+                mid = [_attention_part(arch, mod, h, kw) for h, kw in ref_in]
+                self._cache[("ref_attention", layer)] = mid
+                self._cache[("ref_mlp", layer)] = [_mlp_part(arch, mod, r) for r in mid]
+            self.layer_forwards += len(self.windows)
+        if part == "attention":
+            ys = [_attention_part(arch, mod, h, kw) for h, kw in hs]
+        else:
+            if ("q_mid", layer) not in self._cache:  # attention slots are frozen (or pass through) by now
+                self._cache[("q_mid", layer)] = [_attention_part(arch, mod, h, kw) for h, kw in hs]
+                self.sublayer_forwards["attention"] += len(self.windows)
+            ys = [_mlp_part(arch, mod, r) for r in self._cache[("q_mid", layer)]]
+        self.sublayer_forwards[part] += len(self.windows)
+        target = self._cache[("ref_" + part, layer)]
+        last = min(layer + self.config.horizon, len(self.layers)) - 1
+        if last > layer:  # horizon: finish layer l, then the next layers (in the current state) as well
+            kws = [kw for _, kw in hs]
+            if ("ref_h", layer) not in self._cache:
+                ref = self._cache[("ref_mlp", layer)]
+                with _float_activations(self.qm):
+                    for j in range(layer + 1, last + 1):
+                        ref = [_run_layer(self.layers[j], r, kw) for r, kw in zip(ref, kws, strict=True)]
+                self._cache[("ref_h", layer)] = ref
+                self.layer_forwards += len(self.windows) * (last - layer)
+            if part == "attention":
+                ys = [_mlp_part(arch, mod, y) for y in ys]
+                self.sublayer_forwards["mlp"] += len(self.windows)
+            for j in range(layer + 1, last + 1):
+                ys = [_run_layer(self.layers[j], y, kw) for y, kw in zip(ys, kws, strict=True)]
+            self.layer_forwards += len(self.windows) * (last - layer)
+            target = self._cache[("ref_h", layer)]
+        err, count = 0.0, 0
+        for y, r in zip(ys, target, strict=True):
+            y, r = y.float(), r.float()
+            e = (y - r).pow(2).sum(-1) / r.pow(2).sum(-1).clamp_min(1e-30)
+            err += float(e.sum(dtype=torch.float64))
+            count += e.numel()
+        return err / count
+
+    def forget_layer(self, layer: int) -> None:
+        """Layer ``layer`` is frozen: keep its output as the next layer's input (forward order)."""
+        if self.config.mode == "exact" or self.config.reverse or ("q", layer) not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k == "h0"}
+            return
+        nxt = layer + 1
+        if nxt < len(self.layers):
+            self._cache[("q", nxt)] = self.run_layer(layer, self._cache[("q", layer)], "q")
+            if ("ref", layer) in self._cache:  # the full layer, as a resumed run computes it from layer 0
+                self._cache[("ref", nxt)] = self.run_layer(layer, self._cache[("ref", layer)], "ref")
+        self._cache = {k: v for k, v in self._cache.items() if k == "h0" or k[1] == nxt}
+
+    def search_slot(self, n: int, st: dict[str, Any], done: list[SlotResult], bar: Any, t0: float,
+                    seconds0: float) -> SlotResult:
+        """Bisection of one slot from its state ``st`` (fresh, or as saved), saving after every probe."""
+        cfg = self.config
+        layer, key = st["layer"], st["key"]
+        t_slot, prior = time.perf_counter(), st.get("seconds", 0.0)
+
+        def probe(x: float) -> float:
+            self.set_slot(layer, key, x)
+            fx = self.objective(layer, key)
+            self.probes += 1
+            if self.on_probe is not None:
+                self.on_probe("evaluated", self.probes)
+            st["probes"].append([x, fx])
+            return fx
+
+        def save() -> None:
+            self.seconds = seconds0 + time.perf_counter() - t0
+            st["seconds"] = prior + time.perf_counter() - t_slot
+            self.save_state(done, st)
+            if self.on_probe is not None:
+                self.on_probe("saved", self.probes)
+            bar.update(1)
+            bar.set_postfix_str(f"layer {layer} {key} ({n + 1}/{len(self.plan)}) m={st['m']:.4f} f={st['fm']:.5g}")
+
+        if st["fm"] is None:
+            st["fm"] = probe(st["m"])
+            save()
+        while st["b"] - st["a"] > cfg.epsilon and st["iteration"] < cfg.iterations:
+            x = next_probe(st["a"], st["m"], st["b"], st["iteration"])
+            fx = probe(x)
+            st["a"], st["m"], st["b"], st["fm"] = accept(st["a"], st["m"], st["b"], st["fm"], x, fx)
+            st["iteration"] += 1
+            save()
+        self.set_slot(layer, key, st["m"])
+        return SlotResult(layer, key, st["m"], st["fm"], st["probes"], prior + time.perf_counter() - t_slot)
+
+    # the loop -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self) -> GBSResult:
+        cfg = self.config
+        qs = _all_quantizers(self.qm)
+        enabled_before = [q.enabled for q in qs]
+        state = self.load_state()
+        done = [SlotResult(**s) for s in state["done"]] if state else []
+        current = state["current"] if state else None
+        if state:
+            c = state["counters"]
+            self.probes, self.layer_forwards, self.seconds = c["probes"], c["layer_forwards"], c["seconds"]
+            self.sublayer_forwards = dict(c["sublayer_forwards"])
+        # Gradual start: only the V caches quantize; each slot switches on when the search reaches it.
+        for key_qs in self.index.values():
+            for q in key_qs:
+                q.enabled = id(q) in self.v_cache
+        for s in done:
+            self.set_slot(s.layer, s.key, s.ratio)
+        finished = {(s.layer, s.key) for s in done}
+        total = len(self.plan) * (1 + cfg.iterations)
+        bar = tqdm(total=total, initial=min(total, self.probes), desc=f"gbs {cfg.mode}", unit="probe",
+                   disable=not self.progress)
+        t0 = time.perf_counter()
+        seconds0 = self.seconds
+        try:
+            for n, (layer, key) in enumerate(self.plan):
+                if (layer, key) in finished:
+                    continue
+                if current is not None and (current["layer"], current["key"]) == (layer, key):
+                    st = current
+                else:
+                    st = {"layer": layer, "key": key, "a": 0.0, "b": 1.0, "m": 0.5, "fm": None, "iteration": 0,
+                          "probes": [], "seconds": 0.0}
+                current = None
+                done.append(self.search_slot(n, st, done, bar, t0, seconds0))
+                nxt = self.plan[n + 1][0] if n + 1 < len(self.plan) else None
+                if nxt != layer:
+                    self.forget_layer(layer)
+                self.seconds = seconds0 + time.perf_counter() - t0
+                self.save_state(done, None)
+        finally:
+            bar.close()
+        self._cache.clear()
+        calib = calibration_ppl(self.model, self.windows, cfg.batch_size)
+        ratios: Ratios = {}
+        for s in done:
+            ratios.setdefault(s.layer, {})[s.key] = s.ratio
+        for q, e in zip(qs, enabled_before, strict=True):
+            q.enabled = e
+        return GBSResult(cfg, done, {i: ratios[i] for i in sorted(ratios)}, self.probes, self.layer_forwards,
+                         dict(self.sublayer_forwards),
+                         self.seconds, calib, len(self.windows), int(self.windows.shape[1]))
+
+
+def gbs_search(qm: QuantizedModel, calib_windows: torch.Tensor, config: GBSConfig | None = None,
+               state_path: str | Path | None = None, progress: bool = True,
+               on_probe: Callable[[str, int], None] | None = None) -> GBSResult:
+    """Search the clip ratios of ``qm``'s activation and K-cache quantizers (and of the V cache through
+    ``v_proj``) on ``calib_windows`` (N, seqlen) and leave them set on ``qm``. With ``state_path``, the
+    search state is written there after every probe and an existing state file is resumed.
+
+    ``calib_ppl`` in the result is measured in the search's final state: with ``config.layers`` set,
+    the layers outside the search still pass through. On return every quantizer is switched back on."""
+    config = config or GBSConfig()
+    if calib_windows.dim() != 2 or len(calib_windows) == 0:
+        raise SpikequantError(f"gbs: calibration windows must be a non-empty (N, seqlen) tensor, "
+                              f"got shape {tuple(calib_windows.shape)}")
+    if next(qm.model.parameters()).device.type == "cpu":
+        torch.set_flush_denormal(True)  # fake-quantized activations produce denormals that slow CPU math
+    return _Search(qm, calib_windows, config, state_path, progress, on_probe).run()
+
+
+# --- outputs ----------------------------------------------------------------------------------------------
+
+def ratio_matrix(ratios: Ratios, n_layers: int) -> list[list[float | None]]:
+    return [[ratios.get(i, {}).get(k) for k in SLOTS] for i in range(n_layers)]
+
+
+def plot_heatmap(ratios: Ratios, n_layers: int, path: str | Path, title: str = "") -> Path:
+    """Layers × slots heatmap of the ratios (blank: not searched)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.array([[np.nan if v is None else v for v in row] for row in ratio_matrix(ratios, n_layers)])
+    fig, ax = plt.subplots(figsize=(6.5, max(3.0, 0.22 * n_layers + 1.2)))
+    im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(SLOTS)), [s.replace("_proj", "") for s in SLOTS], rotation=45, ha="right")
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
+    ax.set_ylabel("layer")
+    ax.set_title(title or "GBS clip ratios")
+    fig.colorbar(im, ax=ax, label="clip ratio")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    r = report["result"]
+    cfg = r["config"]
+    lines = [f"# GBS search: {report.get('recipe', {}).get('name', '?')} on {report.get('model', '?')}", "",
+             f"mode {cfg['mode']}, objective {cfg['objective']}, iterations {cfg['iterations']}, "
+             f"epsilon {cfg['epsilon']}, reverse {cfg['reverse']}, layers {cfg['layers'] or 'all'}; "
+             f"calibration {r['windows']} x {r['seqlen']} tokens", "",
+             f"- probes: {r['probes']}; decoder-layer forwards (per window): {r['layer_forwards']} whole layers, "
+             f"{r['sublayer_forwards']['attention']} attention blocks, {r['sublayer_forwards']['mlp']} MLP blocks",
+             f"- search wall time: {r['search_seconds']:.1f} s",
+             f"- calibration PPL at the end of the search: {r['calib_ppl']:.4f}"]
+    for k, v in r.get("extra", {}).items():
+        lines.append(f"- {k}: {v}")
+    lines += ["", "| layer | slot | ratio | objective | probes | s |", "|---:|---|---:|---:|---:|---:|"]
+    for s in r["slots"]:
+        lines.append(f"| {s['layer']} | {s['key']} | {s['ratio']:.4f} | {s['objective']:.6g} | "
+                     f"{len(s['probes'])} | {s['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the modifier ---------------------------------------------------------------------------------------
+
+@register
+@dataclass
+class GBS(Modifier):
+    """Gradual Binary Search of the clip ratios, run on the quantized model (stage ``quantized``: after the
+    quantizers are attached and static scales calibrated) on the first ``num_samples`` calibration
+    windows (default: all of the recipe's)."""
+
+    type = "gbs"
+    stage: ClassVar[str] = "quantized"
+    mode: str = "fast"
+    objective: str | None = None
+    iterations: int = 10
+    epsilon: float = 1e-3
+    reverse: bool = False
+    layers: int | None = None
+    num_samples: int | None = None
+    batch_size: int = 4
+    horizon: int = 1
+
+    def __post_init__(self) -> None:
+        self.config()  # validate now: a bad value is a RecipeError at load time
+        if self.num_samples is not None:
+            require_positive_int(self.num_samples, "num_samples")
+
+    def config(self) -> GBSConfig:
+        return GBSConfig(self.mode, self.objective, self.iterations, self.epsilon, self.reverse, self.layers,
+                         self.batch_size, self.horizon)
+
+    def apply(self, ctx: QuantContext) -> None:
+        qm = getattr(ctx, "qm", None)
+        if qm is None:
+            raise RecipeError("gbs runs on the quantized model (stage 'quantized'); this pipeline has no such "
+                              "stage yet: use `spikequant search`")
+        windows = ctx.calibration_windows()
+        if self.num_samples is not None:
+            windows = windows[: self.num_samples]
+        res = gbs_search(qm, windows, self.config(), progress=ctx.progress)
+        ctx.findings["gbs"] = {"config": self.config().to_dict(), "windows": res.windows, "seqlen": res.seqlen,
+                               "probes": res.probes, "layer_forwards": res.layer_forwards,
+                               "sublayer_forwards": res.sublayer_forwards,
+                               "search_seconds": round(res.search_seconds, 3), "calib_ppl": res.calib_ppl,
+                               "ratios": {str(i): e for i, e in res.ratios.items()}}
