@@ -47,7 +47,8 @@ def _fp8_representable(t: torch.Tensor, dtype: torch.dtype) -> bool:
 def _on_grid(v: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None) -> None:
     """``v`` (..., features) is one scale group's worth of quantized values in ``spec`` (symmetric
     formats); ``scale`` is the static scale, or None to read the dynamic one off ``v`` (its largest
-    magnitude sits on the grid's end, whatever the clip ratio)."""
+    magnitude sits on the grid's end: +qmax, or -(qmax + 1) when a clip ratio below 1 clamps a negative
+    value there)."""
     if spec.format == "fp8_e5m2":
         assert _fp8_representable(v, torch.float8_e5m2)
         return
@@ -58,7 +59,11 @@ def _on_grid(v: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None) -> No
     if spec.format == "fp8_e4m3":
         assert torch.allclose(k.to(torch.float8_e4m3fn).to(k.dtype), k, rtol=1e-9, atol=0)
         return
-    assert torch.allclose(k, k.round(), atol=1e-6) and k.abs().max() <= top + 1 + 1e-6
+    on = torch.isclose(k, k.round(), atol=1e-6, rtol=0).all(-1, keepdim=True)
+    if scale is None:  # rows whose end is -(qmax + 1): read the scale as max / (qmax + 1)
+        k2 = v / torch.where(s > 0, v.abs().amax(-1, keepdim=True) / (top + 1), torch.ones_like(s))
+        on = on | torch.isclose(k2, k2.round(), atol=1e-6, rtol=0).all(-1, keepdim=True)
+    assert bool(on.all()) and k.abs().max() <= top + 1 + 1e-6
 
 
 def _check_activation(x: torch.Tensor, spec: QuantSpec, static_scale: torch.Tensor | None) -> None:
