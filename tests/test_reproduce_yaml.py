@@ -23,10 +23,10 @@ def test_every_number_in_the_docs_tables_is_listed_or_declared_not_covered(spec)
 
 def test_a_documented_value_that_drifts_from_the_doc_is_named(spec):
     bad = copy.deepcopy(spec)
-    demo = next(t for t in bad["tables"] if t["doc"] == "README.md" and t["run"] == "demo")
-    demo["rows"]["w8a8-tensor"]["PPL"] = 73.96
+    table = next(t for t in bad["tables"] if t["doc"] == "docs/spike-aware.md" and "fp" in t["rows"])
+    table["rows"]["smoothquant-spike-w8a8-tensor-static"]["PPL"] = 56.63
     problems = reproduce.check_docs(bad)
-    assert len(problems) == 1 and "w8a8-tensor" in problems[0] and "74.23" in problems[0]
+    assert len(problems) == 1 and "smoothquant-spike-w8a8-tensor-static" in problems[0] and "56.36" in problems[0]
 
 
 def test_a_table_nobody_accounts_for_is_reported(spec, tmp_path):
@@ -50,12 +50,15 @@ def test_a_row_or_column_left_out_is_reported(tmp_path):
 
 def test_checks_expand_lists_and_classes(spec):
     checks = reproduce.checks_of(spec)
-    two = [c for c in checks if c.label.startswith("W4A4KV4, randomized-Hadamard")]
-    assert [(c.recipe, c.klass, c.documented) for c in two] == [
-        ("quarot-rtn-w4a4kv4", "lowbit", 507.0), ("quarot-w4a4kv4", "gptq", 85.8)]
+    expanded = reproduce.checks_of({"tables": [{"doc": "d", "after": "a", "run": "r", "columns": {"PPL": "ppl"},
+                                                  "rows": {"two": {"recipe": ["x", "y"], "class": ["lowbit", "gptq"],
+                                                                   "PPL": [507, 85.8]}}}]})
+    assert [(c.recipe, c.klass, c.documented) for c in expanded] == [("x", "lowbit", 507.0), ("y", "gptq", 85.8)]
+    fp = [c for c in checks if c.recipe == "fp" and c.metric == "ppl"]
+    assert fp and all(c.klass == "fp" for c in fp)
     assert all(c.klass == "exact" for c in checks if c.metric in ("hp_pct", "weight_bits", "hidden", "mlp"))
     quick = {(c.run, c.recipe) for c in checks if c.quick}
-    assert ("demo", "w8a8-tensor") in quick and ("spike-aware-main", "smoothquant-spike-w8a8-tensor-static") in quick
+    assert quick == {("spike-aware-main", "fp"), ("spike-aware-main", "smoothquant-spike-w8a8-tensor-static")}
     assert all(c.run in spec["runs"] for c in checks)
 
 
