@@ -5,7 +5,7 @@ commands of the selected rows (one after another), reads their JSON output, prin
 relative difference, flags what lies outside the stated margin, and writes results/reproduce.md.
 
     python bench/reproduce.py --data-dir ../shared/data               # everything (hours on 2 cores)
-    python bench/reproduce.py --data-dir ../shared/data --quick       # the two compare rows of the remeasured spike-aware table
+    python bench/reproduce.py --data-dir ../shared/data --quick       # two rows of the remeasured spike-aware table
     python bench/reproduce.py --only 'rotation' --reuse               # a subset; reuse finished runs
     python bench/reproduce.py --check-docs                            # reproduce.yaml vs the docs tables only
     python bench/reproduce.py --no-run --extra avx2=results/spread/avx2/compare.json   # more columns
