@@ -114,6 +114,18 @@ def test_spike_static_w8a8_reloads_bit_identical(tmp_path):
     assert prov["recipe"]["name"] == "spike-w8a8-tensor-static" and prov["attn_implementation"] == "eager"
 
 
+def test_every_architecture_reloads_bit_identical(tmp_path, arch):
+    """Qwen2 ties its embeddings and has q/k/v biases, Qwen3 has q/k norms: all reload exactly."""
+    model = tiny_model(arch, seed=7)
+    recipe = load_recipe("w8a8-tensor-static")
+    qm, findings = quantize(model, recipe, WINDOWS, progress=False)
+    with torch.no_grad():
+        logits = model(WINDOWS).logits
+    save_quantized(qm, _tokenizer(), recipe, "tiny", tmp_path / "q", findings)
+    export_compressed(tmp_path / "q", tmp_path / "ct", progress=False)
+    assert torch.equal(logits, _reload_logits(tmp_path / "ct"))
+
+
 def test_fp8_exemptions_are_a_float_quantized_group(tmp_path):
     q, logits, findings = _quantized_dir(tmp_path, _spike_recipe("spike-w8a8-fp8-static"))
     res = export_compressed(q, tmp_path / "ct", progress=False)

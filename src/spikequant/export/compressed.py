@@ -252,11 +252,11 @@ def check_transforms(transforms: dict[str, Any] | None, where: str) -> None:
     kv = [x for layer in transforms.get("kv") or [] for x in (layer.get("k"), layer.get("v")) if x]
     if kv:
         spec = QuantSpec.from_dict(kv[0])
-        bad.append(f"our KV-cache quantizers ({spec.label}; compressed-tensors' kv_cache_scheme holds static "
-                   "scales, which vLLM serves as FP8)")
+        bad.append(f"our KV-cache quantizers ({spec.label}; compressed-tensors' kv_cache_scheme takes static "
+                   "scales)")
     if bad:
-        raise ExportError(f"{where}: cannot export to {FORMAT}: {'; '.join(bad)} "
-                          "(transformers applies no online transform_config on load; nothing was written)")
+        raise ExportError(f"{where}: cannot export to {FORMAT}: {'; '.join(bad)} (no equivalent that "
+                          "transformers applies on load)")
 
 
 # -- the export ----------------------------------------------------------------------------------------
