@@ -177,6 +177,10 @@ def test_eval_cli_gives_the_same_ppl_for_both_folders(tmp_path, capsys):
         ppl[name] = report["ppl"]
     assert report["model"]["format"] == "compressed-tensors"
     assert ppl["q"] == ppl["ct"]
+    capsys.readouterr()
+    rc = main(["quantize", "--model", str(tmp_path / "ct"), "--recipe", "w8a8-tensor", "--dataset", str(text),
+               "--seqlen", "64", "--output", str(tmp_path / "again"), "--no-progress", "--device", "cpu"])
+    assert rc == 2 and "already quantized (a compressed-tensors checkpoint)" in capsys.readouterr().err
 
 
 def test_quantize_export_flag_writes_beside_the_output(tmp_path, capsys):
