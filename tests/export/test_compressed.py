@@ -153,6 +153,20 @@ def test_rotated_w4a8_with_fused_rotations_only_is_exported(tmp_path):
     assert torch.equal(logits, _reload_logits(tmp_path / "ct"))
 
 
+def test_asymmetric_weights_and_static_inputs_reload_bit_identical(tmp_path):
+    """Our unsigned zero points are written as compressed-tensors' signed ones (z - 2^(b-1))."""
+    asym = {"format": "int", "bits": 8, "symmetric": False}
+    recipe = Recipe.from_dict({"name": "asym", "weights": {**asym, "granularity": "channel"},
+                               "inputs": {**asym, "granularity": "tensor", "dynamic": False}})
+    q, logits, _ = _quantized_dir(tmp_path, recipe)
+    assert export_compressed(q, tmp_path / "ct", progress=False).formats == "int-quantized"
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        zp = f.get_tensor("model.layers.0.self_attn.q_proj.input_zero_point")
+    ours = load_file(str(q / "quantization.safetensors"))["model.layers.0.self_attn.q_proj.input.zero"]
+    assert float(zp.flatten()[0]) == float(ours) - 128
+    assert torch.equal(logits, _reload_logits(tmp_path / "ct"))
+
+
 def test_weight_only_w4_groups_are_pack_quantized(tmp_path):
     recipe = Recipe.from_dict({"name": "w4g32", "weights": {"format": "int", "bits": 4, "granularity": "group",
                                                             "group_size": 16}})

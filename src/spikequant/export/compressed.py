@@ -252,8 +252,8 @@ def check_transforms(transforms: dict[str, Any] | None, where: str) -> None:
     kv = [x for layer in transforms.get("kv") or [] for x in (layer.get("k"), layer.get("v")) if x]
     if kv:
         spec = QuantSpec.from_dict(kv[0])
-        bad.append(f"our KV-cache quantizers ({spec.label}; compressed-tensors' kv_cache_scheme takes static "
-                   "scales)")
+        bad.append(f"our KV-cache quantizers ({spec.label}; vLLM takes only static FP8 KV-cache scales from "
+                   "a compressed-tensors kv_cache_scheme)")
     if bad:
         raise ExportError(f"{where}: cannot export to {FORMAT}: {'; '.join(bad)} (no equivalent that "
                           "transformers applies on load)")
