@@ -270,6 +270,34 @@ def test_spike_rule_with_max_layers_can_split_a_group():
     assert {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"} <= set(promoted.ignore)
 
 
+@pytest.mark.parametrize(("mq", "needle"), [
+    (ModuleQuant(QuantSpec(granularity="channel"), None, QuantSpec()), "output quantizer"),
+    (ModuleQuant(QuantSpec(granularity="channel"), QuantSpec(granularity="channel", dynamic=False)),
+     "per-input-channel activation scales"),
+    (ModuleQuant(QuantSpec(granularity="channel"), QuantSpec(granularity="token", clip_ratio=0.9)), "clip_ratio 0.9"),
+    (ModuleQuant(QuantSpec(granularity="channel", symmetric=False)), "asymmetric weight-only"),
+    (ModuleQuant(QuantSpec(format="fp8_e5m2")), "E5M2 weights"),
+])
+def test_plan_level_refusals_name_the_module(mq, needle):
+    arch = ARCHITECTURES["LlamaForCausalLM"]
+    plan = {arch.linear_name(0, r): mq for r in arch.linear_roles}
+    with pytest.raises(ExportError, match="model.layers.0.self_attn.q_proj") as e:
+        plan_export(plan, arch, 1)
+    assert needle in str(e.value)
+
+
+def test_different_static_scales_inside_a_fused_group_are_refused(tmp_path):
+    model = tiny_model("llama", seed=7)
+    recipe = load_recipe("w8a8-tensor-static")
+    qm, findings = quantize(model, recipe, WINDOWS, progress=False)
+    k = model.get_submodule("model.layers.1.self_attn.k_proj").input_quantizer
+    k.scale = k.scale * 1.5  # as a per-quantizer clip ratio could leave it
+    save_quantized(qm, _tokenizer(), recipe, "tiny", tmp_path / "q", findings)
+    with pytest.raises(ExportError, match=r"model.layers.1.\{q_proj,k_proj,v_proj\} has different static input"):
+        export_compressed(tmp_path / "q", tmp_path / "ct", progress=False)
+    assert not (tmp_path / "ct").exists() and not _no_partial(tmp_path)
+
+
 @pytest.mark.parametrize(("preset", "needle"), [
     ("quarot-rtn-w4a4kv4", "online Hadamard on down_proj inputs (R4)"),
     ("spike-w8a8-fp8-e5m2", "E5M2"),
