@@ -16,6 +16,7 @@ from spikequant.export import save_quantized
 from spikequant.export.compressed import (
     EXPORT_MANIFEST,
     ExportError,
+    check_transforms,
     export_compressed,
     input_args,
     is_compressed_tensors_dir,
@@ -191,6 +192,8 @@ def test_eval_cli_gives_the_same_ppl_for_both_folders(tmp_path, capsys):
         ppl[name] = report["ppl"]
     assert report["model"]["format"] == "compressed-tensors"
     assert ppl["q"] == ppl["ct"]
+    rc, err, _ = _export_cli(tmp_path / "ct", tmp_path / "ct2", capsys)
+    assert rc == 2 and "already a compressed-tensors checkpoint" in err
     capsys.readouterr()
     rc = main(["quantize", "--model", str(tmp_path / "ct"), "--recipe", "w8a8-tensor", "--dataset", str(text),
                "--seqlen", "64", "--output", str(tmp_path / "again"), "--no-progress", "--device", "cpu"])
@@ -311,6 +314,16 @@ def test_inexpressible_recipes_are_refused_in_one_line(tmp_path, capsys, preset,
     rc, err, _ = _export_cli(q, tmp_path / "ct", capsys)
     assert rc == 2 and err.count("\n") == 0 and needle in err, err
     assert not (tmp_path / "ct").exists() and not _no_partial(tmp_path)
+
+
+def test_expansion_and_online_transforms_are_named_from_the_manifest():
+    state = {"expansion": {"hidden_size": [48, 64]}, "r4": True, "o_online": False, "r3": True, "kv": None}
+    with pytest.raises(ExportError) as e:
+        check_transforms(state, "q/")
+    msg = str(e.value)
+    assert "Dimension Expansion (hidden_size 48->64" in msg and "(R4)" in msg and "(R3)" in msg
+    assert "o_proj" not in msg and "\n" not in msg
+    check_transforms({"norms": {"dim": 48}, "r4": False, "o_online": False, "r3": False, "kv": None}, "q/")
 
 
 def test_non_empty_output_is_kept_without_overwrite(tmp_path, capsys):
