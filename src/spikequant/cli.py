@@ -12,6 +12,9 @@ from spikequant.errors import SpikequantError
 from spikequant.eval.zeroshot import add_arguments as zeroshot_arguments
 
 DEMO_RECIPES = ("fp", "w8a8-tensor", "w8a8-tensor-static", "w8a8-token")
+EXPORT_FORMATS = ("compressed-tensors",)
+PROMOTE_HELP = ("keep a fused group (q/k/v, gate/up) whose parts the recipe quantizes differently in float "
+                "instead of refusing the export (printed per group)")
 
 
 def _session(args: argparse.Namespace):
@@ -31,11 +34,12 @@ def _print_table(reports: list[dict]) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from spikequant.export import is_quantized_dir
+    from spikequant.export.compressed import is_compressed_tensors_dir
     from spikequant.pipeline import run_saved, save_report_files
     from spikequant.recipes import load_recipe
 
     session = _session(args)
-    if is_quantized_dir(args.model):
+    if is_quantized_dir(args.model) or is_compressed_tensors_dir(args.model):
         if args.recipe:
             raise SpikequantError(f"{args.model} is a saved quantized model; it carries its recipe, drop --recipe")
         report, recipe = run_saved(session, args.model)
@@ -56,6 +60,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SpikequantError(f"output directory {out} is not empty; pass --overwrite to replace its files")
+    export_out = _export_output(args)
+    if export_out is not None and export_out.exists() and any(export_out.iterdir()) and not args.overwrite:
+        raise SpikequantError(f"export directory {export_out} is not empty; pass --overwrite to replace it")
     session = _session(args)
     session.kl = False
     loaded = session.loaded
@@ -64,6 +71,34 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"saved {recipe.name} quantization of {args.model} to {out} "
           f"({sum(not m.is_float for m in qm.plan.values())} linears quantized, "
           f"{100 * qm.high_precision_share():.2f}% of linear parameters in high precision)")
+    if export_out is not None:
+        _export(out, export_out, args)
+    return 0
+
+
+def _export_output(args: argparse.Namespace) -> Path | None:
+    """Where ``quantize --export FORMAT`` writes: ``--export-output``, else ``<output>-<format>`` beside
+    the spikequant folder (which stays: it is the export's source and the fake-quant reference)."""
+    if not args.export:
+        return None
+    if args.export_output:
+        return Path(args.export_output)
+    out = Path(args.output)
+    return out.with_name(f"{out.name}-{args.export}")
+
+
+def _export(source: Path, output: Path, args: argparse.Namespace) -> None:
+    from spikequant.export.compressed import export_compressed
+
+    res = export_compressed(source, output, promote_fused=args.promote_fused, overwrite=args.overwrite,
+                            progress=not args.no_progress)
+    kept = ", ".join(res.ignored) if len(res.ignored) <= 8 else f"{len(res.ignored)} modules"
+    print(f"exported {source} to {res.output} (compressed-tensors, format {res.formats}: {res.quantized} linears "
+          f"quantized, {len(res.ignored)} kept in float: {kept})")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _export(Path(args.model), Path(args.output), args)
     return 0
 
 
@@ -108,8 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="preset name or .yaml/.json file")
     p.add_argument("--output", required=True, help="directory to write the quantized model to")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--export", default=None, choices=EXPORT_FORMATS,
+                   help="also export the saved model to this format (see `spikequant export`)")
+    p.add_argument("--export-output", default=None,
+                   help="folder for --export (default: OUTPUT-FORMAT beside --output, e.g. q-compressed-tensors)")
+    p.add_argument("--promote-fused", action="store_true", help=PROMOTE_HELP)
     add_data_args(p)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="export a `quantize --output` folder to a serving format (compressed-tensors)")
+    p.add_argument("--model", required=True, help="a folder written by `spikequant quantize --output`")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--output", required=True, help="folder to write (written to a temporary sibling, then renamed)")
+    p.add_argument("--promote-fused", action="store_true", help=PROMOTE_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job: FP vs W8A8 per-tensor (dynamic, static) and per-token")
     add_model_args(p)

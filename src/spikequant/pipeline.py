@@ -66,6 +66,11 @@ def quantize(
             raise ValueError(f"recipe {recipe.name!r} needs calibration data, none was given")
         return calibration() if callable(calibration) else calibration
 
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if method is not None and str(getattr(method, "value", method)) == "compressed-tensors":
+        raise RecipeError(f"the model is already quantized (a compressed-tensors checkpoint); recipe {recipe.name!r} "
+                          "needs a float model")
     ctx = QuantContext(model=model, calibration_windows=calib, seed=recipe.seed, progress=progress)
 
     def run_stage(stage: str) -> None:
@@ -249,15 +254,26 @@ def save_report_files(reports: list[dict[str, Any]], json_path: str | Path | Non
 
 
 def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recipe]:
-    """Evaluate a directory written by ``quantize --output``; the base model it names is the KL
-    reference (and is only loaded when KL is asked for)."""
+    """Evaluate a directory written by ``quantize --output``, or a compressed-tensors checkpoint (``export``;
+    loaded through transformers + compressed-tensors, see :func:`spikequant.models.load_model`); the base
+    model it names is the KL reference (and is only loaded when KL is asked for)."""
     from spikequant.export import load_quantized
+    from spikequant.export.compressed import FORMAT, is_compressed_tensors_dir, load_compressed
 
     session.check_evaluators()
     t = time.perf_counter()
-    loaded, qm, recipe, manifest = load_quantized(path, session.dtype, session.device)
+    compressed = is_compressed_tensors_dir(path)
+    qm: QuantizedModel | None
+    if compressed:
+        loaded, manifest = load_compressed(path, session.dtype, session.device)
+        recipe = Recipe.from_dict(manifest["recipe"], f"{path}") if manifest.get("recipe") else Recipe(name=FORMAT)
+        qm = None
+        if session.kl and not manifest.get("base_model"):
+            raise RecipeError(f"{path} does not name its base model (not exported by spikequant): pass --no-kl")
+    else:
+        loaded, qm, recipe, manifest = load_quantized(path, session.dtype, session.device)
     load_s = time.perf_counter() - t
-    session.model_source = manifest["base_model"]
+    session.model_source = manifest.get("base_model") or str(path)
     if session.kl:
         session.load()
         reference = session.reference()
@@ -272,5 +288,8 @@ def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recip
     rep = session.report(recipe, evaluation, qm, manifest.get("findings", {}),
                          {"load_s": round(load_s, 3), "quantize_s": 0.0, "eval_s": evaluation["seconds"]})
     rep["model"]["source"] = str(path)
-    rep["model"]["base_model"] = manifest["base_model"]
+    rep["model"]["base_model"] = manifest.get("base_model")
+    if compressed:
+        rep["model"]["format"] = FORMAT
+        rep["model"]["compressed_tensors"] = manifest.get("compressed_tensors")
     return rep, recipe

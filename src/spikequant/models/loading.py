@@ -131,6 +131,19 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
     return name_or_path, None  # a hub id; transformers resolves it (needs internet or a local HF cache)
 
 
+def compressed_tensors_config(path: str | Path) -> dict | None:
+    """The ``quantization_config`` of a local compressed-tensors checkpoint (config.json with
+    ``quant_method: compressed-tensors``, as ``spikequant export`` and llm-compressor write), else None."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        qc = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors" else None
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
@@ -142,7 +155,11 @@ def load_model(
     """Load a causal LM and its tokenizer.
 
     ``name_or_path`` is a built-in name (``smollm2-135m``), a ``.gguf`` file, a local HF directory or a
-    hub id. GGUF files are converted once and cached as safetensors (see :func:`cache_dir`).
+    hub id. A compressed-tensors checkpoint (``spikequant export``) loads through transformers'
+    compressed-tensors quantizer: weights stored as integers are decompressed to float on the first
+    forward (integer x scale, exactly the grid they were quantized to) and every quantized linear
+    fake-quantizes its inputs with the checkpoint's ``input_scale`` (or dynamic scales) in its forward.
+    GGUF files are converted once and cached as safetensors (see :func:`cache_dir`).
     ``config_overrides`` are set on the config before the model is built (e.g. the widths of a
     dimension-expanded model, saved with its original, validatable sizes). ``attn_implementation``
     (``eager``, ``sdpa``, ...) is passed to transformers; None keeps its default.
@@ -155,6 +172,9 @@ def load_model(
         dtype = DTYPES[dtype]
     device = resolve_device(device)  # before the (slow) load
     path, _ = resolve_model_path(name_or_path)
+    if compressed_tensors_config(path) is not None and importlib.util.find_spec("compressed_tensors") is None:
+        raise ModelLoadError(f"{name_or_path} is a compressed-tensors checkpoint; loading it needs the "
+                             "compressed-tensors package (pip install compressed-tensors==0.20.1)")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         kwargs: dict[str, object] = {}
