@@ -71,6 +71,13 @@ def load_for_backend(model: str, backend: str, recipe: str | None = None, data_d
     if is_quantized_dir(model):
         if recipe:
             raise SpikequantError(f"{model} is a saved quantized model; it carries its recipe, drop --recipe")
+        if backend == "int8":
+            import json
+
+            from spikequant.backends.int8 import check_manifest
+            from spikequant.export.saving import MANIFEST
+
+            check_manifest(json.loads((Path(model) / MANIFEST).read_text(encoding="utf-8")), model)
         loaded, _qm, rec, _ = load_quantized(model, "float32", "cpu")
         return prepare(loaded.model, loaded.tokenizer, backend, model, rec.name, kernel, dtype)
     if Path(model).is_dir() and not (Path(model) / "config.json").exists():

@@ -124,17 +124,14 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, kernel={self.kernel}")
 
 
-def _why_not_int8(linear: nn.Module) -> str | None:
-    """Why a planned linear cannot run as int8 W8A8 static per-tensor (None: it can)."""
-    scheme = getattr(linear, SCHEME, None)
-    w: QuantSpec | None = scheme.weights if scheme is not None else None
-    q_in = getattr(linear, INPUT_QUANTIZER, None)
-    if getattr(linear, OUTPUT_QUANTIZER, None) is not None:
+def scheme_problem(weights: QuantSpec | None, inputs: QuantSpec | None, outputs: QuantSpec | None) -> str | None:
+    """Why a linear quantized this way cannot run as int8 W8A8 static per-tensor (None: it can)."""
+    if outputs is not None:
         return "output quantization (the int8 kernel produces float outputs)"
-    if w is None or q_in is None:
-        return ("weight-only quantization" if q_in is None else "activation-only quantization") + \
+    if weights is None or inputs is None:
+        return ("weight-only quantization" if inputs is None else "activation-only quantization") + \
             " (the int8 backend runs W8A8 only)"
-    a = q_in.spec
+    w, a = weights, inputs
     if w.format != "int" or w.bits != 8 or not w.symmetric or w.granularity not in ("channel", "tensor"):
         return f"weights {w.label} (needs int8 symmetric per-channel or per-tensor)"
     if a.format != "int" or a.bits != 8 or not a.symmetric:
@@ -143,6 +140,28 @@ def _why_not_int8(linear: nn.Module) -> str | None:
         return f"inputs {a.label} (needs static per-tensor scales; dynamic / per-token are not supported)"
     if a.keep_first_tokens or a.outlier_tokens:
         return f"inputs {a.label} (tokens kept out of the shared scale are not supported)"
+    return None
+
+
+def transforms_problem(state: dict[str, Any] | None) -> str | None:
+    """Which model-level transforms (as ``transform_state`` records them) the int8 backend cannot run."""
+    if not state:
+        return None
+    parts = [k for k, v in (("online R4 Hadamard", state.get("r4")), ("online o_proj Hadamard", state.get("o_online")),
+                            ("R3 rotation of Q/K", state.get("r3")),
+                            ("KV-cache quantization", any(e["k"] or e["v"] for e in state.get("kv") or [])),
+                            ("dimension expansion", state.get("expansion"))) if v]
+    return None if not parts else f"it has {', '.join(parts)} (W8A8 static models without online transforms only)"
+
+
+def _why_not_int8(linear: nn.Module) -> str | None:
+    """Why a planned linear cannot run as int8 W8A8 static per-tensor (None: it can)."""
+    scheme = getattr(linear, SCHEME, None)
+    q_in, q_out = getattr(linear, INPUT_QUANTIZER, None), getattr(linear, OUTPUT_QUANTIZER, None)
+    why = scheme_problem(None if scheme is None else scheme.weights, None if q_in is None else q_in.spec,
+                         None if q_out is None else q_out.spec)
+    if why is not None:
+        return why
     if q_in.status is not QuantStatus.FROZEN or q_in.scale is None or q_in.scale.numel() != 1:
         return "an input quantizer that is not calibrated (no frozen scale)"
     if getattr(linear, "weight_zero_point", None) is not None or getattr(linear, "weight_scale", None) is None:
@@ -150,6 +169,24 @@ def _why_not_int8(linear: nn.Module) -> str | None:
     if any(k.startswith("spikequant_online") or k == "spikequant_r4_handle" for k in vars(linear)):
         return "an online Hadamard on its input"
     return None
+
+
+def check_manifest(manifest: dict[str, Any], where: str) -> None:
+    """The int8 checks on a saved quantized model's manifest (``spikequant.json``), before it is loaded."""
+    why = transforms_problem(manifest.get("transforms"))
+    if why is not None:
+        raise Int8BackendError(f"int8 backend cannot run {where}: {why}")
+    quantized = 0
+    for name, slots in manifest.get("plan", {}).items():
+        specs = {k: QuantSpec.from_dict(v, f"{where}: {name}.{k}") for k, v in slots.items()}
+        if all(v is None for v in specs.values()):
+            continue
+        quantized += 1
+        why = scheme_problem(specs.get("weights"), specs.get("inputs"), specs.get("outputs"))
+        if why is not None:
+            raise Int8BackendError(f"int8 backend cannot run {name}: {why}")
+    if not quantized:
+        raise Int8BackendError(f"int8 backend: {where} has no quantized linears")
 
 
 def check_int8_linear(linear: nn.Module, name: str = "linear") -> None:
@@ -163,15 +200,9 @@ def check_int8_model(model: nn.Module) -> list[str]:
     backend cannot run, or a model-level transform (online rotation, KV-cache quantization) it cannot."""
     from spikequant.transforms import transform_state
 
-    state = transform_state(model)
-    if state is not None:
-        parts = [k for k, v in (("online R4 Hadamard", state.get("r4")), ("online o_proj Hadamard",
-                 state.get("o_online")), ("R3 rotation of Q/K", state.get("r3")),
-                 ("KV-cache quantization", any(e["k"] or e["v"] for e in state.get("kv") or [])),
-                 ("dimension expansion", state.get("expansion"))) if v]
-        if parts:
-            raise Int8BackendError(f"int8 backend cannot run this model: it has {', '.join(parts)} "
-                                   "(W8A8 static per-tensor models without online transforms only)")
+    why = transforms_problem(transform_state(model))
+    if why is not None:
+        raise Int8BackendError(f"int8 backend cannot run this model: {why}")
     names = []
     for name, m in model.named_modules():
         scheme = getattr(m, SCHEME, None)
