@@ -40,7 +40,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if is_quantized_dir(args.model):
         if args.recipe:
             raise SpikequantError(f"{args.model} is a saved quantized model; it carries its recipe, drop --recipe")
-        report, recipe = run_saved(session, args.model)
+        report, recipe = run_saved(session, args.model, args.backend)
+    elif args.backend != "float":
+        raise SpikequantError(f"--backend {args.backend} evaluates a folder written by spikequant quantize; "
+                              f"{args.model} is not one")
     else:
         recipe = load_recipe(args.recipe or "fp")
         report, _ = session.run(recipe)
@@ -130,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model (optionally quantized by a recipe): PPL, KL, top-1")
     add_model_args(p)
     p.add_argument("--recipe", default=None, help="preset name or .yaml/.json file (default: fp)")
+    p.add_argument("--backend", default="float", choices=BACKEND_NAMES,
+                   help="for a folder written by quantize: float (fake-quant, default), bf16, or int8 (real int8 "
+                        "kernels, W8A8 static models)")
     add_data_args(p)
     add_report_args(p)
     zeroshot_arguments(p)

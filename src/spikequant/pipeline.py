@@ -248,14 +248,26 @@ def save_report_files(reports: list[dict[str, Any]], json_path: str | Path | Non
         write_text(report_markdown(reports, title), md_path)
 
 
-def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recipe]:
+def run_saved(session: Session, path: str | Path, backend: str = "float") -> tuple[dict[str, Any], Recipe]:
     """Evaluate a directory written by ``quantize --output``; the base model it names is the KL
-    reference (and is only loaded when KL is asked for)."""
+    reference (and is only loaded when KL is asked for). ``backend`` (``spikequant.backends``): ``float``
+    runs the fake-quant model as loaded, ``int8`` its int8 kernels, ``bf16`` the model in bfloat16."""
     from spikequant.export import load_quantized
 
     session.check_evaluators()
     t = time.perf_counter()
+    if backend == "int8":
+        import json
+
+        from spikequant.backends.int8 import check_manifest
+        from spikequant.export.saving import MANIFEST
+
+        check_manifest(json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8")), str(path))
     loaded, qm, recipe, manifest = load_quantized(path, session.dtype, session.device)
+    if backend != "float":
+        from spikequant.backends import prepare
+
+        prepare(loaded.model, loaded.tokenizer, backend, str(path), recipe.name)
     load_s = time.perf_counter() - t
     session.model_source = manifest["base_model"]
     if session.kl:
@@ -273,4 +285,5 @@ def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recip
                          {"load_s": round(load_s, 3), "quantize_s": 0.0, "eval_s": evaluation["seconds"]})
     rep["model"]["source"] = str(path)
     rep["model"]["base_model"] = manifest["base_model"]
+    rep["model"]["backend"] = backend
     return rep, recipe

@@ -94,3 +94,26 @@ def test_no_cache_runs_a_dynamic_per_tensor_model(tmp_path, capsys):
     q = _saved(tmp_path, "w8a8-tensor", "dyn")
     assert main(["generate", "--model", q, "--prompt", PROMPT, "--max-new-tokens", "3", "--no-cache",
                  "--no-progress"]) == 0
+
+
+def test_eval_backend_int8_ppl_equals_fake_quant(tmp_path, capsys):
+    """``spikequant eval --backend int8`` on a saved model: the same perplexity as the fake-quant model
+    (within the float rounding discussed in test_int8.py), and the report records the backend."""
+    import json
+
+    q = _saved(tmp_path)
+    words = torch.randint(1, 95, (400,), generator=torch.Generator().manual_seed(5)).tolist()
+    (tmp_path / "text.txt").write_text(" ".join(f"t{i}" for i in words))
+    ppl = {}
+    for backend in ("float", "int8"):
+        out = tmp_path / f"{backend}.json"
+        assert main(["eval", "--model", q, "--backend", backend, "--dataset", str(tmp_path / "text.txt"),
+                     "--seqlen", "32", "--no-kl", "--no-progress", "--json", str(out)]) == 0
+        rep = json.loads(out.read_text())
+        assert rep["model"]["backend"] == backend
+        ppl[backend] = rep["ppl"]
+    assert abs(ppl["int8"] / ppl["float"] - 1) < 1e-4, ppl
+    capsys.readouterr()
+    assert main(["eval", "--model", "smollm2-135m", "--backend", "int8", "--dataset", str(tmp_path / "text.txt"),
+                 "--no-progress"]) == 2
+    assert "is not one" in capsys.readouterr().err
