@@ -35,8 +35,9 @@ ROWS = {
     "fp32": "float model, float32",
     "bf16": "float model, bfloat16",
     "fake-quant": "W8A8 fake-quant (float32 simulation, the reference)",
-    "int8": "int8 linears (oneDNN), float32 activations and float modules",
-    "int8-bf16": "int8 linears (oneDNN), bfloat16 activations and float modules",
+    "int8": "int8 linears (auto: oneDNN qlinear for prefill, _int_mm for decode), float32 elsewhere",
+    "int8-bf16": "int8 linears (auto), bfloat16 activations and float modules",
+    "int8-onednn": "int8 linears (oneDNN qlinear only), float32 activations and float modules",
     "int8-int_mm": "int8 linears (torch._int_mm), float32 activations and float modules",
 }
 
@@ -80,7 +81,7 @@ def worker(args: argparse.Namespace) -> dict:
         loaded, _, _, _ = load_quantized(args.quantized, "float32", "cpu")
         model, tok = loaded.model, loaded.tokenizer
     else:
-        kernel = "int_mm" if name == "int8-int_mm" else "onednn"
+        kernel = {"int8-int_mm": "int_mm", "int8-onednn": "onednn"}.get(name, "auto")
         model, tok, _ = load_int8(args.int8_dir, kernel, torch.bfloat16 if name == "int8-bf16" else torch.float32)
     load_s = time.perf_counter() - t
     out: dict = {"backend": name, "load_s": round(load_s, 2), "weight_bytes": weight_bytes(model),
@@ -137,7 +138,7 @@ def ensure_checkpoints(args: argparse.Namespace, work: Path) -> dict[str, int]:
         prepared = prepare(loaded.model, loaded.tokenizer, "int8", args.quantized, recipe.name)
         save_int8(prepared.model, prepared.tokenizer, args.int8_dir, args.quantized)
         del loaded, prepared
-    for k in ("int8", "int8-bf16", "int8-int_mm"):
+    for k in ("int8", "int8-bf16", "int8-int_mm", "int8-onednn"):
         sizes[k] = dir_bytes(Path(args.int8_dir))
     return sizes
 

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     p.add_argument("--no-cache", action="store_true", help="rerun the whole sequence at every step (no KV cache)")
-    p.add_argument("--kernel", default="onednn", choices=["onednn", "int_mm"],
+    p.add_argument("--kernel", default="auto", choices=["auto", "onednn", "int_mm"],
                    help="int8 kernel (default: %(default)s)")
     p.add_argument("--int8-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="activations and float modules of the int8 backend (default: %(default)s)")

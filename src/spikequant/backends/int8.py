@@ -29,8 +29,12 @@ from spikequant.quant.apply import HOOKS, INPUT_QUANTIZER, OUTPUT_QUANTIZER, SCH
 from spikequant.quant.observers import QuantStatus
 from spikequant.quant.spec import QuantSpec
 
-KERNELS = ("onednn", "int_mm")
-DEFAULT_KERNEL = "onednn"
+KERNELS = ("auto", "onednn", "int_mm")
+DEFAULT_KERNEL = "auto"
+# "auto": oneDNN's qlinear for prefill-sized inputs, torch._int_mm for decode steps (a few tokens), where
+# qlinear was measured pathologically slow on some shapes here (k/v_proj, 192 x 576: milliseconds per call;
+# docs/inference.md).
+AUTO_SMALL_M = 16
 INT8_MANIFEST = "spikequant-int8.json"
 INT8_FORMAT_VERSION = 1
 
@@ -50,8 +54,9 @@ class Int8Linear(nn.Module):
 
     Buffers: ``weight`` (out, in) int8, ``weight_scale`` (out,) float32, ``input_scale`` () float32,
     ``bias`` (out,) or None. ``kernel``: ``onednn`` (``torch.ops.onednn.qlinear_pointwise`` on a weight
-    prepacked once, with the rescale and bias fused; the plain int8 weight is kept for saving) or
-    ``int_mm`` (``torch._int_mm`` int8 x int8 -> int32, then the rescale in float32).
+    prepacked once, with the rescale and bias fused; the plain int8 weight is kept for saving),
+    ``int_mm`` (``torch._int_mm`` int8 x int8 -> int32, then the rescale in float32), or ``auto``
+    (``int_mm`` for at most ``AUTO_SMALL_M`` tokens, else ``onednn``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = DEFAULT_KERNEL) -> None:
@@ -96,10 +101,10 @@ class Int8Linear(nn.Module):
                None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype))
         if self._packed is None or self._packed["key"] != key:
             p: dict[str, Any] = {"key": key, "x_scale": float(self.input_scale)}
-            if self.kernel == "onednn":
+            if self.kernel in ("onednn", "auto"):
                 p["w"] = torch.ops.onednn.qlinear_prepack(self.weight, None)
                 p["w_zero"] = torch.zeros(self.out_features, dtype=torch.int64)
-            else:
+            if self.kernel in ("int_mm", "auto"):
                 p["w_t"] = self.weight.t().contiguous()
                 p["rescale"] = (self.input_scale.float() * self.weight_scale.float())
             self._packed = p
@@ -108,7 +113,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self._pack()
         qx = _quantize_input(x, self.input_scale)
-        if self.kernel == "onednn":
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = "int_mm" if x.numel() // self.in_features <= AUTO_SMALL_M else "onednn"
+        if kernel == "onednn":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.ops.onednn.qlinear_pointwise(qx, p["x_scale"], 0, p["w"], self.weight_scale, p["w_zero"],
                                                       bias, 1.0, 0, x.dtype, "none", [], "")
