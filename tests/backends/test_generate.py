@@ -117,3 +117,12 @@ def test_eval_backend_int8_ppl_equals_fake_quant(tmp_path, capsys):
     assert main(["eval", "--model", "smollm2-135m", "--backend", "int8", "--dataset", str(tmp_path / "text.txt"),
                  "--no-progress"]) == 2
     assert "is not one" in capsys.readouterr().err
+
+
+def test_cached_decoding_of_a_rotated_kv_quantized_model_equals_no_cache(tmp_path):
+    """Online Hadamards and the KV-cache quantizer work with the HF cache (they requantize the cache per
+    token each step): greedy tokens with and without the cache agree."""
+    prepared = load_for_backend(_saved(tmp_path, "quarot-rtn-w4a4kv4", "rot"), "float")
+    a = generate(prepared, PROMPT, 6, ignore_eos=True)
+    b = generate(prepared, PROMPT, 6, ignore_eos=True, use_cache=False)
+    assert a.new_tokens == 6 and a.completion == b.completion
