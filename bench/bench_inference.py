@@ -36,7 +36,7 @@ ROWS = {
     "bf16": "float model, bfloat16",
     "fake-quant": "W8A8 fake-quant (float32 simulation, the reference)",
     "int8": "int8 linears (auto: oneDNN qlinear for prefill, _int_mm for decode), float32 elsewhere",
-    "int8-bf16": "int8 linears (auto), bfloat16 activations and float modules",
+    "int8-bf16": "int8 linears (auto), bfloat16 activations and float modules (stored in bfloat16)",
     "int8-onednn": "int8 linears (oneDNN qlinear only), float32 activations and float modules",
     "int8-int_mm": "int8 linears (torch._int_mm), float32 activations and float modules",
 }
@@ -82,7 +82,10 @@ def worker(args: argparse.Namespace) -> dict:
         model, tok = loaded.model, loaded.tokenizer
     else:
         kernel = {"int8-int_mm": "int_mm", "int8-onednn": "onednn"}.get(name, "auto")
-        model, tok, _ = load_int8(args.int8_dir, kernel, torch.bfloat16 if name == "int8-bf16" else torch.float32)
+        path = Path(args.int8_dir)
+        if name == "int8-bf16" and (path.parent / "int8-bf16").exists():
+            path = path.parent / "int8-bf16"  # int8 linears, the float modules stored in bfloat16
+        model, tok, _ = load_int8(path, kernel, torch.bfloat16 if name == "int8-bf16" else torch.float32)
     load_s = time.perf_counter() - t
     out: dict = {"backend": name, "load_s": round(load_s, 2), "weight_bytes": weight_bytes(model),
                  "load_before": load_avg()}
@@ -118,7 +121,7 @@ def worker(args: argparse.Namespace) -> dict:
 # -- parent: prepare checkpoints, run the workers, write the table --------------------------------------
 def ensure_checkpoints(args: argparse.Namespace, work: Path) -> dict[str, int]:
     """The int8 checkpoint (and a bf16 one, for its size) written from the quantized folder; sizes on disk."""
-    from spikequant.backends import prepare, save_int8
+    from spikequant.backends import load_int8, prepare, save_int8
     from spikequant.export import load_quantized
     from spikequant.models import load_model
     from spikequant.models.loading import resolve_model_path
@@ -138,8 +141,14 @@ def ensure_checkpoints(args: argparse.Namespace, work: Path) -> dict[str, int]:
         prepared = prepare(loaded.model, loaded.tokenizer, "int8", args.quantized, recipe.name)
         save_int8(prepared.model, prepared.tokenizer, args.int8_dir, args.quantized)
         del loaded, prepared
-    for k in ("int8", "int8-bf16", "int8-int_mm", "int8-onednn"):
+    bf16_int8 = Path(args.int8_dir).parent / "int8-bf16"
+    if not bf16_int8.exists():
+        model, tok, _ = load_int8(args.int8_dir, dtype=torch.bfloat16)
+        save_int8(model, tok, bf16_int8, args.quantized)
+        del model
+    for k in ("int8", "int8-int_mm", "int8-onednn"):
         sizes[k] = dir_bytes(Path(args.int8_dir))
+    sizes["int8-bf16"] = dir_bytes(bf16_int8)
     return sizes
 
 

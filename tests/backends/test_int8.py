@@ -183,3 +183,16 @@ def test_weight_bytes_shrink():
     convert_to_int8(model)
     # 13 of 14 decoder linears go from 4 bytes to 1 (+ a float32 scale per row); embeddings stay float32
     assert weight_bytes(model) < fp
+
+
+def test_bf16_cast_keeps_tied_embeddings_tied(tmp_path):
+    model = _quantized(arch="qwen2")  # tied embeddings
+    convert_to_int8(model)
+    save_int8(model, _tokenizer(), tmp_path / "i8", "tiny")
+    loaded, _, _ = load_int8(tmp_path / "i8", dtype=torch.bfloat16)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    save_int8(loaded, _tokenizer(), tmp_path / "b", "tiny")
+    again, _, _ = load_int8(tmp_path / "b")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert again.lm_head.weight.dtype == torch.bfloat16

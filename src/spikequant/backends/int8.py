@@ -239,6 +239,7 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast every floating-point parameter and buffer to ``dtype`` except those of :class:`Int8Linear`
     modules (their scales stay float32: an int8 grid times a rounded scale would no longer be exact)."""
     skip = {id(t) for m in model.modules() if isinstance(m, Int8Linear) for t in m.buffers()}
+    done: dict[int, torch.Tensor] = {}  # one new tensor per old one: tied weights stay tied
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, Int8Linear):
@@ -247,10 +248,14 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
                 continue
             for k, p in m._parameters.items():
                 if p is not None and p.is_floating_point() and p.dtype != dtype and id(p) not in skip:
-                    m._parameters[k] = nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
+                    if id(p) not in done:
+                        done[id(p)] = nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
+                    m._parameters[k] = done[id(p)]
             for k, b in m._buffers.items():
                 if b is not None and b.is_floating_point() and b.dtype != dtype and id(b) not in skip:
-                    m._buffers[k] = b.to(dtype)
+                    if id(b) not in done:
+                        done[id(b)] = b.to(dtype)
+                    m._buffers[k] = done[id(b)]
     if getattr(model, "config", None) is not None:
         model.config.dtype = dtype
     return model
