@@ -7,10 +7,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from spikequant.cli_args import add_data_args, add_model_args, add_report_args
+from spikequant.cli_args import add_data_args, add_model_args, add_report_args, positive_int
 from spikequant.errors import SpikequantError
 from spikequant.eval.zeroshot import add_arguments as zeroshot_arguments
+from spikequant.models import DEFAULT_MODEL
 
+BACKEND_NAMES = ("float", "bf16", "int8")  # spikequant.backends.BACKENDS, without importing torch here
 DEMO_RECIPES = ("fp", "w8a8-tensor", "w8a8-tensor-static", "w8a8-token")
 EXPORT_FORMATS = ("compressed-tensors",)
 PROMOTE_HELP = ("keep a fused group (q/k/v, gate/up) whose parts the recipe quantizes differently in float "
@@ -42,7 +44,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if is_quantized_dir(args.model) or is_compressed_tensors_dir(args.model):
         if args.recipe:
             raise SpikequantError(f"{args.model} is a saved quantized model; it carries its recipe, drop --recipe")
-        report, recipe = run_saved(session, args.model)
+        report, recipe = run_saved(session, args.model, args.backend)
+    elif args.backend != "float":
+        raise SpikequantError(f"--backend {args.backend} evaluates a folder written by spikequant quantize; "
+                              f"{args.model} is not one")
     else:
         recipe = load_recipe(args.recipe or "fp")
         report, _ = session.run(recipe)
@@ -102,6 +107,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from spikequant.backends.generate import generate, load_for_backend
+
+    if not args.prompt:
+        raise SpikequantError("--prompt is empty")
+    if args.save_int8 and args.backend != "int8":
+        raise SpikequantError("--save-int8 needs --backend int8")
+    if args.save_int8 and Path(args.save_int8).exists() and any(Path(args.save_int8).iterdir()):
+        raise SpikequantError(f"--save-int8 directory {args.save_int8} is not empty")
+    prepared = load_for_backend(args.model, args.backend, args.recipe, args.data_dir, args.kernel, args.int8_dtype,
+                                not args.no_progress)
+    if args.save_int8:
+        from spikequant.backends import save_int8
+
+        save_int8(prepared.model, prepared.tokenizer, args.save_int8, args.model)
+    res = generate(prepared, args.prompt, args.max_new_tokens, do_sample=args.sample, use_cache=not args.no_cache,
+                   seed=args.seed)
+    import torch
+
+    what = {"float": "float32" + (" fake-quant" if prepared.recipe else ""),
+            "bf16": "bfloat16" + (" fake-quant" if prepared.recipe else ""),
+            "int8": f"{len(prepared.int8_linears)} int8 linears ({args.kernel}), "
+                    f"{str(prepared.dtype).removeprefix('torch.')} elsewhere"}[prepared.backend]
+    print(res.text)
+    print(f"\n[{prepared.backend}: {what}; recipe {prepared.recipe or 'none'}; {torch.get_num_threads()} threads] "
+          f"prefill {res.prompt_tokens} tokens: {res.prefill_tps:.1f} tokens/s; "
+          f"decode {max(res.new_tokens - 1, 0)} tokens: {res.decode_tps:.1f} tokens/s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from spikequant.pipeline import save_report_files
     from spikequant.recipes import load_recipe
@@ -133,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model (optionally quantized by a recipe): PPL, KL, top-1")
     add_model_args(p)
     p.add_argument("--recipe", default=None, help="preset name or .yaml/.json file (default: fp)")
+    p.add_argument("--backend", default="float", choices=BACKEND_NAMES,
+                   help="for a folder written by quantize: float (fake-quant, default), bf16, or int8 (real int8 "
+                        "kernels, W8A8 static models)")
     add_data_args(p)
     add_report_args(p)
     zeroshot_arguments(p)
@@ -159,6 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("generate", help="generate text on a backend (float, bf16, int8) and time prefill / decode")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="built-in name, hub id or HF folder (with --recipe), a folder written by quantize, or an "
+                        "int8 folder written by --save-int8 (default: %(default)s)")
+    p.add_argument("--recipe", default=None, help="quantize --model by this recipe first (needs --data-dir)")
+    p.add_argument("--backend", default="float", choices=BACKEND_NAMES,
+                   help="float: float32 (a quantized model runs its fake-quant simulation); bf16: the same in "
+                        "bfloat16; int8: real int8 kernels (W8A8 static models) (default: %(default)s)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    p.add_argument("--no-cache", action="store_true", help="rerun the whole sequence at every step (no KV cache)")
+    p.add_argument("--kernel", default="auto", choices=["auto", "onednn", "int_mm"],
+                   help="int8 kernel (default: %(default)s)")
+    p.add_argument("--int8-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="activations and float modules of the int8 backend (default: %(default)s)")
+    p.add_argument("--save-int8", default=None, help="also write the int8 model to this folder (--backend int8)")
+    p.add_argument("--data-dir", default=None, help="calibration text for --recipe (or $SPIKEQUANT_DATA_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the main job: FP vs W8A8 per-tensor (dynamic, static) and per-token")
     add_model_args(p)

@@ -253,10 +253,12 @@ def save_report_files(reports: list[dict[str, Any]], json_path: str | Path | Non
         write_text(report_markdown(reports, title), md_path)
 
 
-def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recipe]:
+def run_saved(session: Session, path: str | Path, backend: str = "float") -> tuple[dict[str, Any], Recipe]:
     """Evaluate a directory written by ``quantize --output``, or a compressed-tensors checkpoint (``export``;
     loaded through transformers + compressed-tensors, see :func:`spikequant.models.load_model`); the base
-    model it names is the KL reference (and is only loaded when KL is asked for)."""
+    model it names is the KL reference (and is only loaded when KL is asked for). ``backend``
+    (``spikequant.backends``, spikequant folders only): ``float`` runs the fake-quant model as loaded,
+    ``int8`` its int8 kernels, ``bf16`` the model in bfloat16."""
     from spikequant.export import load_quantized
     from spikequant.export.compressed import FORMAT, is_compressed_tensors_dir, load_compressed
 
@@ -265,13 +267,27 @@ def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recip
     compressed = is_compressed_tensors_dir(path)
     qm: QuantizedModel | None
     if compressed:
+        if backend != "float":
+            raise RecipeError(f"--backend {backend}: {path} is a compressed-tensors checkpoint; the backends run "
+                              "folders written by spikequant quantize")
         loaded, manifest = load_compressed(path, session.dtype, session.device)
         recipe = Recipe.from_dict(manifest["recipe"], f"{path}") if manifest.get("recipe") else Recipe(name=FORMAT)
         qm = None
         if session.kl and not manifest.get("base_model"):
             raise RecipeError(f"{path} does not name its base model (not exported by spikequant): pass --no-kl")
     else:
+        if backend == "int8":
+            import json
+
+            from spikequant.backends.int8 import check_manifest
+            from spikequant.export.saving import MANIFEST
+
+            check_manifest(json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8")), str(path))
         loaded, qm, recipe, manifest = load_quantized(path, session.dtype, session.device)
+        if backend != "float":
+            from spikequant.backends import prepare
+
+            prepare(loaded.model, loaded.tokenizer, backend, str(path), recipe.name)
     load_s = time.perf_counter() - t
     session.model_source = manifest.get("base_model") or str(path)
     if session.kl:
@@ -289,6 +305,7 @@ def run_saved(session: Session, path: str | Path) -> tuple[dict[str, Any], Recip
                          {"load_s": round(load_s, 3), "quantize_s": 0.0, "eval_s": evaluation["seconds"]})
     rep["model"]["source"] = str(path)
     rep["model"]["base_model"] = manifest.get("base_model")
+    rep["model"]["backend"] = backend
     if compressed:
         rep["model"]["format"] = FORMAT
         rep["model"]["compressed_tensors"] = manifest.get("compressed_tensors")

@@ -1,0 +1,394 @@
+"""Real int8 compute on CPU for W8A8 models quantized by spikequant.
+
+A frozen linear carries, on the module, everything its int8 kernel needs (see docs/architecture.md): the
+fake-quantized weight (exactly ``q * weight_scale`` with ``q`` an int8 grid), per-output-row
+``weight_scale``, and an ``input_quantizer`` whose frozen static per-tensor ``scale`` quantizes its input.
+:func:`convert_to_int8` swaps each such linear for an :class:`Int8Linear` (int8 weights, int32 accumulation
+in oneDNN, one rescale of the output), a local operation per module; linears the recipe keeps in float stay
+``nn.Linear``. The fake-quantized model stays the reference: the two compute the same integers, and differ
+only by the float rounding of the fake path's accumulation (see tests/backends).
+
+Checkpoint (``save_int8`` / ``load_int8``): a folder with the HF ``config.json``, tokenizer,
+``model.safetensors`` (float tensors of the float modules; int8 ``weight`` plus float32 ``weight_scale``
+and ``input_scale`` of every int8 linear) and ``spikequant-int8.json`` (format version, the int8 module
+names, their schemes). It is this backend's own simple format; the compressed-tensors export that serving
+stacks read is separate work (``spikequant export``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spikequant.errors import ModelLoadError, SpikequantError
+from spikequant.quant.apply import HOOKS, INPUT_QUANTIZER, OUTPUT_QUANTIZER, SCHEME
+from spikequant.quant.observers import QuantStatus
+from spikequant.quant.spec import QuantSpec
+
+KERNELS = ("auto", "onednn", "int_mm")
+DEFAULT_KERNEL = "auto"
+# "auto": oneDNN's qlinear for prefill-sized inputs, torch._int_mm for decode steps (a few tokens), where
+# qlinear was measured pathologically slow on some shapes here (k/v_proj, 192 x 576: milliseconds per call;
+# docs/inference.md).
+AUTO_SMALL_M = 16
+INT8_MANIFEST = "spikequant-int8.json"
+INT8_FORMAT_VERSION = 1
+
+
+class Int8BackendError(SpikequantError):
+    """The model holds quantization the int8 backend cannot run (named in the message)."""
+
+
+def _quantize_input(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # Division, not a multiplication by 1/scale: the same rounding decisions as the fake-quant forward
+    # (quant/fake.py:int_qdq), in float32 whatever the activation dtype.
+    return torch.round(x.float() / scale).clamp_(-128, 127).to(torch.int8)
+
+
+class Int8Linear(nn.Module):
+    """y = int8(x / s_x) @ W_q^T * (s_x * s_w) + b, the integer product in int32 by an int8 kernel.
+
+    Buffers: ``weight`` (out, in) int8, ``weight_scale`` (out,) float32, ``input_scale`` () float32,
+    ``bias`` (out,) or None. ``kernel``: ``onednn`` (``torch.ops.onednn.qlinear_pointwise`` on a weight
+    prepacked once, with the rescale and bias fused; the plain int8 weight is kept for saving),
+    ``int_mm`` (``torch._int_mm`` int8 x int8 -> int32, then the rescale in float32), or ``auto``
+    (``int_mm`` for at most ``AUTO_SMALL_M`` tokens, else ``onednn``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = DEFAULT_KERNEL) -> None:
+        super().__init__()
+        if kernel not in KERNELS:
+            raise Int8BackendError(f"unknown int8 kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed: dict[str, Any] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, kernel: str = DEFAULT_KERNEL, name: str = "linear") -> Int8Linear:
+        """The kernel module of a frozen W8A8 linear (:func:`check_int8_linear` says which ones are)."""
+        check_int8_linear(linear, name)
+        w_scale = linear.weight_scale.detach().float().reshape(-1)
+        if w_scale.numel() == 1:
+            w_scale = w_scale.expand(linear.out_features).contiguous()
+        grid = linear.weight.detach().float() / w_scale[:, None]
+        q = torch.round(grid)
+        # The weights hold q * scale exactly up to float rounding; anything else is not an int8 grid.
+        off = float((grid - q).abs().max()) if q.numel() else 0.0
+        if off > 1e-2 or float(q.abs().max()) > 128:
+            raise Int8BackendError(f"{name}: weight is not on its int8 grid (weight / weight_scale is {off:.3g} "
+                                   "from an integer); the saved weights and scales disagree")
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, kernel)
+        mod.weight.copy_(q.clamp(-128, 127).to(torch.int8))
+        mod.weight_scale.copy_(w_scale)
+        mod.input_scale.copy_(getattr(linear, INPUT_QUANTIZER).scale.detach().float().reshape(()))
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().clone()
+        scheme = getattr(linear, SCHEME, None)
+        if scheme is not None:
+            setattr(mod, SCHEME, scheme)
+        return mod.to(linear.weight.device)
+
+    def _pack(self) -> dict[str, Any]:
+        # Rebuilt when the buffers change identity (load_state_dict, .to()): the cache is derived state.
+        key = (self.weight.data_ptr(), self.weight_scale.data_ptr(), self.input_scale.data_ptr(),
+               None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype))
+        if self._packed is None or self._packed["key"] != key:
+            p: dict[str, Any] = {"key": key, "x_scale": float(self.input_scale)}
+            if self.kernel in ("onednn", "auto"):
+                p["w"] = torch.ops.onednn.qlinear_prepack(self.weight, None)
+                p["w_zero"] = torch.zeros(self.out_features, dtype=torch.int64)
+            if self.kernel in ("int_mm", "auto"):
+                p["w_t"] = self.weight.t().contiguous()
+                p["rescale"] = (self.input_scale.float() * self.weight_scale.float())
+            self._packed = p
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._pack()
+        qx = _quantize_input(x, self.input_scale)
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = "int_mm" if x.numel() // self.in_features <= AUTO_SMALL_M else "onednn"
+        if kernel == "onednn":
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.ops.onednn.qlinear_pointwise(qx, p["x_scale"], 0, p["w"], self.weight_scale, p["w_zero"],
+                                                      bias, 1.0, 0, x.dtype, "none", [], "")
+        shape = x.shape[:-1]
+        acc = torch._int_mm(qx.reshape(-1, self.in_features), p["w_t"])
+        y = acc.float().mul_(p["rescale"])
+        if self.bias is not None:
+            y.add_(self.bias.float())
+        return y.to(x.dtype).reshape(*shape, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, kernel={self.kernel}")
+
+
+def scheme_problem(weights: QuantSpec | None, inputs: QuantSpec | None, outputs: QuantSpec | None) -> str | None:
+    """Why a linear quantized this way cannot run as int8 W8A8 static per-tensor (None: it can)."""
+    if outputs is not None:
+        return "output quantization (the int8 kernel produces float outputs)"
+    if weights is None or inputs is None:
+        return ("weight-only quantization" if inputs is None else "activation-only quantization") + \
+            " (the int8 backend runs W8A8 only)"
+    w, a = weights, inputs
+    if w.format != "int" or w.bits != 8 or not w.symmetric or w.granularity not in ("channel", "tensor"):
+        return f"weights {w.label} (needs int8 symmetric per-channel or per-tensor)"
+    if a.format != "int" or a.bits != 8 or not a.symmetric:
+        return f"inputs {a.label} (needs int8 symmetric)"
+    if a.dynamic or a.granularity != "tensor":
+        return f"inputs {a.label} (needs static per-tensor scales; dynamic / per-token are not supported)"
+    if a.keep_first_tokens or a.outlier_tokens:
+        return f"inputs {a.label} (tokens kept out of the shared scale are not supported)"
+    return None
+
+
+def transforms_problem(state: dict[str, Any] | None) -> str | None:
+    """Which model-level transforms (as ``transform_state`` records them) the int8 backend cannot run."""
+    if not state:
+        return None
+    parts = [k for k, v in (("online R4 Hadamard", state.get("r4")), ("online o_proj Hadamard", state.get("o_online")),
+                            ("R3 rotation of Q/K", state.get("r3")),
+                            ("KV-cache quantization", any(e["k"] or e["v"] for e in state.get("kv") or [])),
+                            ("dimension expansion", state.get("expansion"))) if v]
+    return None if not parts else f"it has {', '.join(parts)} (W8A8 static models without online transforms only)"
+
+
+def _why_not_int8(linear: nn.Module) -> str | None:
+    """Why a planned linear cannot run as int8 W8A8 static per-tensor (None: it can)."""
+    scheme = getattr(linear, SCHEME, None)
+    q_in, q_out = getattr(linear, INPUT_QUANTIZER, None), getattr(linear, OUTPUT_QUANTIZER, None)
+    why = scheme_problem(None if scheme is None else scheme.weights, None if q_in is None else q_in.spec,
+                         None if q_out is None else q_out.spec)
+    if why is not None:
+        return why
+    if q_in.status is not QuantStatus.FROZEN or q_in.scale is None or q_in.scale.numel() != 1:
+        return "an input quantizer that is not calibrated (no frozen scale)"
+    if getattr(linear, "weight_zero_point", None) is not None or getattr(linear, "weight_scale", None) is None:
+        return "weights without symmetric weight_scale parameters"
+    if any(k.startswith("spikequant_online") or k == "spikequant_r4_handle" for k in vars(linear)):
+        return "an online Hadamard on its input"
+    return None
+
+
+def check_manifest(manifest: dict[str, Any], where: str) -> None:
+    """The int8 checks on a saved quantized model's manifest (``spikequant.json``), before it is loaded."""
+    why = transforms_problem(manifest.get("transforms"))
+    if why is not None:
+        raise Int8BackendError(f"int8 backend cannot run {where}: {why}")
+    quantized = 0
+    for name, slots in manifest.get("plan", {}).items():
+        specs = {k: QuantSpec.from_dict(v, f"{where}: {name}.{k}") for k, v in slots.items()}
+        if all(v is None for v in specs.values()):
+            continue
+        quantized += 1
+        why = scheme_problem(specs.get("weights"), specs.get("inputs"), specs.get("outputs"))
+        if why is not None:
+            raise Int8BackendError(f"int8 backend cannot run {name}: {why}")
+    if not quantized:
+        raise Int8BackendError(f"int8 backend: {where} has no quantized linears")
+
+
+def check_int8_linear(linear: nn.Module, name: str = "linear") -> None:
+    why = _why_not_int8(linear)
+    if why is not None:
+        raise Int8BackendError(f"int8 backend cannot run {name}: {why}")
+
+
+def check_int8_model(model: nn.Module) -> list[str]:
+    """The linears to convert (everything with a non-float scheme); raises naming the first one the int8
+    backend cannot run, or a model-level transform (online rotation, KV-cache quantization) it cannot."""
+    from spikequant.transforms import transform_state
+
+    why = transforms_problem(transform_state(model))
+    if why is not None:
+        raise Int8BackendError(f"int8 backend cannot run this model: {why}")
+    names = []
+    for name, m in model.named_modules():
+        scheme = getattr(m, SCHEME, None)
+        if scheme is None or scheme.is_float:
+            continue
+        check_int8_linear(m, name)
+        names.append(name)
+    if not names:
+        raise Int8BackendError("int8 backend: the model has no quantized linears (quantize it with a W8A8 "
+                               "static recipe, e.g. --recipe spike-w8a8-tensor-static)")
+    return names
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _strip_fake_quant(linear: nn.Module) -> None:
+    for h in getattr(linear, HOOKS, []):
+        h.remove()
+    setattr(linear, HOOKS, [])
+
+
+def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every floating-point parameter and buffer to ``dtype`` except those of :class:`Int8Linear`
+    modules (their scales stay float32: an int8 grid times a rounded scale would no longer be exact)."""
+    skip = {id(t) for m in model.modules() if isinstance(m, Int8Linear) for t in m.buffers()}
+    done: dict[int, torch.Tensor] = {}  # one new tensor per old one: tied weights stay tied
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Int8Linear):
+                if m.bias is not None:
+                    m.bias = m.bias.to(dtype)  # added to the output, in the activation dtype
+                continue
+            for k, p in m._parameters.items():
+                if p is not None and p.is_floating_point() and p.dtype != dtype and id(p) not in skip:
+                    if id(p) not in done:
+                        done[id(p)] = nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
+                    m._parameters[k] = done[id(p)]
+            for k, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and b.dtype != dtype and id(b) not in skip:
+                    if id(b) not in done:
+                        done[id(b)] = b.to(dtype)
+                    m._buffers[k] = done[id(b)]
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = dtype
+    return model
+
+
+def convert_to_int8(model: nn.Module, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype = torch.float32,
+                    progress: bool = False) -> list[str]:
+    """Swap every quantized linear of a W8A8 static model for an :class:`Int8Linear` (in place); float
+    linears (spike-exempt ones) stay as they are. ``dtype``: the activations and float modules (float32 as
+    the fake-quant reference, or bfloat16). Returns the converted names. Checks the whole model first, so
+    a model it cannot run is left unchanged."""
+    if kernel not in KERNELS:
+        raise Int8BackendError(f"unknown int8 kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+    names = check_int8_model(model)
+    tied = _tied_lm_head(model)
+    for name in names:
+        linear = model.get_submodule(name)
+        _strip_fake_quant(linear)
+        _set_module(model, name, Int8Linear.from_linear(linear, kernel, name))
+    cast_float_parts(model, dtype)
+    if tied:
+        model.tie_weights()
+    return names
+
+
+def _tied_lm_head(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and persistent weight buffers in memory (a tied tensor once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, Int8Linear) for b in m.buffers()]:
+        if t is None or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def save_int8(model: nn.Module, tokenizer: Any, output: str | Path, source: str | None = None) -> Path:
+    """Write a converted model (see the module docstring for the format). Returns the folder."""
+    from safetensors.torch import save_model
+
+    int8 = [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+    if not int8:
+        raise Int8BackendError("save_int8: the model has no Int8Linear modules; convert it first")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "spikequant-int8"})
+    schemes = {}
+    for n in int8:
+        s = getattr(model.get_submodule(n), SCHEME, None)
+        schemes[n] = None if s is None else {k: (None if getattr(s, k) is None else getattr(s, k).to_dict())
+                                             for k in ("weights", "inputs", "outputs")}
+    manifest = {"format": "spikequant-int8", "format_version": INT8_FORMAT_VERSION, "source": source,
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "attn_implementation": (model.config._attn_implementation or "sdpa").removeprefix("spikequant_"),
+                "int8_linears": int8, "schemes": schemes}
+    (out / INT8_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return out
+
+
+def is_int8_dir(path: str | Path) -> bool:
+    return (Path(path) / INT8_MANIFEST).is_file()
+
+
+def load_int8(path: str | Path, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype | None = None):
+    """Load a folder written by :func:`save_int8`: the model is built from its config, the int8 linears
+    put in place, then the tensors loaded (no float copy of the int8 weights is ever made).
+    Returns (model, tokenizer, manifest)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from spikequant.models.loading import DTYPES
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path / INT8_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path / INT8_MANIFEST} is unreadable: {e}") from None
+    if manifest.get("format_version") != INT8_FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: unsupported spikequant-int8 format version {manifest.get('format_version')}")
+    if not (path / "model.safetensors").is_file():
+        raise ModelLoadError(f"{path} has no model.safetensors")
+    saved_dtype = DTYPES[manifest.get("dtype", "float32")]
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = manifest.get("attn_implementation") or "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
+    state = load_file(str(path / "model.safetensors"))
+    for name in manifest["int8_linears"]:
+        lin = model.get_submodule(name)
+        mod = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, kernel)
+        scheme = (manifest.get("schemes") or {}).get(name)
+        if scheme is not None:
+            from spikequant.quant import ModuleQuant
+
+            setattr(mod, SCHEME, ModuleQuant(**{k: QuantSpec.from_dict(v) for k, v in scheme.items()}))
+        _set_module(model, name, mod)
+    model.load_state_dict(state, strict=False, assign=True)
+    if _tied_in_config(model):
+        # safetensors stores a tied tensor once, under either name: point both modules at the loaded one.
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if emb.weight.is_meta and not head.weight.is_meta:
+            emb.weight = head.weight
+        model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    # Non-persistent buffers (rotary inv_freq) are not saved: rebuild them on the CPU from the config.
+    rebuilt = {n for n in missing if n.endswith("inv_freq") or n.endswith("original_inv_freq")}
+    if rebuilt:
+        _rebuild_rotary(model, config)
+        missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise ModelLoadError(f"{path / 'model.safetensors'} lacks {missing[0]} (and {len(missing) - 1} more)")
+    if dtype is not None and dtype != saved_dtype:
+        cast_float_parts(model, dtype)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok, manifest
+
+
+def _tied_in_config(model: nn.Module) -> bool:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(cfg, "tie_word_embeddings", False))
+
+
+def _rebuild_rotary(model: nn.Module, config: Any) -> None:
+    for name, m in model.named_modules():
+        if getattr(m, "inv_freq", None) is not None and m.inv_freq.is_meta:
+            fresh = type(m)(config=config)  # built outside the meta context: on the CPU
+            _set_module(model, name, fresh)

@@ -1,0 +1,198 @@
+"""The int8 backend: which modules it swaps, its kernels against a plain integer reference, the whole
+model against the fake-quant simulation, its checkpoint, and the models it refuses."""
+
+import copy
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+from spikequant.backends import Int8BackendError, Int8Linear, convert_to_int8, load_int8, save_int8, weight_bytes
+from spikequant.backends.int8 import KERNELS
+from spikequant.models.tiny import tiny_model
+from spikequant.pipeline import quantize
+from spikequant.recipes import load_recipe
+
+WINDOWS = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+EXEMPT = "model.layers.1.mlp.down_proj"
+W8A8 = {"name": "w8a8-exempt", "weights": {"format": "int", "bits": 8, "granularity": "channel"},
+        "inputs": {"format": "int", "bits": 8, "granularity": "tensor", "dynamic": False},
+        "overrides": [{"match": EXEMPT, "weights": None, "inputs": None}]}
+
+
+def _tokenizer():
+    vocab = {f"t{i}": i for i in range(96)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                   unk_token="t0")
+
+
+def _quantized(recipe=W8A8, arch="llama", seed=7):
+    model = tiny_model(arch, seed=seed)
+    quantize(model, load_recipe(recipe), WINDOWS, progress=False)
+    return model
+
+
+def _int_reference(x: torch.Tensor, lin: Int8Linear) -> torch.Tensor:
+    """The integer product in int64 (exact), then one rescale in float64."""
+    qx = torch.clamp(torch.round(x.double() / lin.input_scale.double()), -128, 127).to(torch.int64)
+    acc = qx.reshape(-1, lin.in_features) @ lin.weight.to(torch.int64).t()
+    y = acc.double() * (lin.input_scale.double() * lin.weight_scale.double())
+    if lin.bias is not None:
+        y = y + lin.bias.double()
+    return y.reshape(*x.shape[:-1], lin.out_features)
+
+
+def test_swap_replaces_quantized_linears_and_keeps_exempt_float():
+    model = _quantized()
+    planned = [n for n, m in model.named_modules() if getattr(m, "spikequant_scheme", None) is not None]
+    names = convert_to_int8(model)
+    assert set(names) == set(planned) - {EXEMPT} and len(names) == 13
+    for n in names:
+        assert isinstance(model.get_submodule(n), Int8Linear)
+        assert model.get_submodule(n).weight.dtype == torch.int8
+    exempt = model.get_submodule(EXEMPT)
+    assert type(exempt) is nn.Linear and exempt.weight.dtype == torch.float32
+    assert type(model.lm_head) is nn.Linear
+    # nothing of the fake-quant path is left on the swapped modules
+    assert not any(hasattr(model.get_submodule(n), "input_quantizer") for n in names)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_matches_integer_reference(kernel, bias):
+    torch.manual_seed(0)
+    lin = Int8Linear(40, 24, bias=bias, kernel=kernel)
+    lin.weight.copy_(torch.randint(-128, 128, (24, 40), dtype=torch.int8))
+    lin.weight_scale.copy_(torch.rand(24) * 0.01 + 1e-3)
+    lin.input_scale.fill_(0.05)
+    if bias:
+        lin.bias.normal_()
+    x = torch.randn(3, 7, 40) * 3  # some inputs clip at +-128 * 0.05
+    ref = _int_reference(x, lin)
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    # The integer accumulation is exact in both; what is left is the float32 rescale (and, for onednn, the
+    # rescale order): a few float32 ulps of the output.
+    tol = 4 * torch.finfo(torch.float32).eps * ref.abs().max()
+    assert float((y.double() - ref).abs().max()) <= tol
+
+
+def test_kernel_error_is_caught_by_the_reference():
+    """The comparison above can fail: one flipped weight moves outputs far beyond the tolerance."""
+    lin = Int8Linear(16, 8, bias=False, kernel="int_mm")
+    lin.weight.copy_(torch.randint(-100, 100, (8, 16), dtype=torch.int8))
+    x = torch.randn(2, 16) * 20
+    ref = _int_reference(x, lin)
+    lin.weight[0, 0] += 1
+    lin._packed = None
+    assert float((lin(x).double() - ref).abs().max()) > 0.5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_model_matches_fake_quant(arch, kernel):
+    model = _quantized(arch=arch)
+    with torch.no_grad():
+        fake = model(WINDOWS).logits
+        int8 = copy.deepcopy(model)
+        convert_to_int8(int8, kernel)
+        real = int8(WINDOWS).logits
+    # Both models compute the same integer products; the fake path adds float32 accumulation error
+    # (~1e-7 relative), which can flip the rounding of an activation that sits on a .5 boundary, i.e. one
+    # input step (1/127 of the scale) on rare elements. 1e-3 of the logit range allows a few such flips and
+    # is ~100x below what a wrong scale or grid produces (see the next test).
+    err = float((real - fake).abs().max() / fake.abs().max())
+    assert err < 1e-3, err
+    assert torch.equal(real.argmax(-1), fake.argmax(-1)) or err < 1e-5
+
+
+def test_wrong_rescale_is_visible_in_logits():
+    model = _quantized()
+    with torch.no_grad():
+        fake = model(WINDOWS).logits
+        convert_to_int8(model)
+        # a rescale 10 % off on one linear (as a kernel applying the wrong scale would be)
+        model.model.layers[0].mlp.up_proj.weight_scale.mul_(1.1)
+        model.model.layers[0].mlp.up_proj._packed = None
+        real = model(WINDOWS).logits
+    assert float((real - fake).abs().max() / fake.abs().max()) > 1e-2
+
+
+def test_bf16_activations_stay_close():
+    model = _quantized()
+    with torch.no_grad():
+        fake = model(WINDOWS).logits
+        convert_to_int8(model, dtype=torch.bfloat16)
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert model.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
+        real = model(WINDOWS).logits.float()
+    assert float((real - fake).abs().max() / fake.abs().max()) < 5e-2
+
+
+@pytest.mark.parametrize("preset, needle", [
+    ("w8a8-tensor", "dynamic"),                 # dynamic per-tensor activations
+    ("w8a8-token", "dynamic"),                  # per-token
+    ("spike-w8a8-tensor-static-outliers", "tokens kept out"),
+    ("quarot-rtn-w4a4kv4", "online"),           # rotations, 4-bit
+])
+def test_unsupported_models_fail_with_one_line_and_stay_unchanged(preset, needle):
+    model = _quantized(preset)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(Int8BackendError) as e:
+        convert_to_int8(model)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_float_model_is_refused():
+    with pytest.raises(Int8BackendError, match="no quantized linears"):
+        convert_to_int8(tiny_model("llama"))
+
+
+def test_w4_weights_are_refused():
+    recipe = {**W8A8, "name": "w4a8", "weights": {"format": "int", "bits": 4, "granularity": "channel"}}
+    with pytest.raises(Int8BackendError, match="int4-channel"):
+        convert_to_int8(_quantized(recipe))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: tied embeddings and q/k/v biases
+def test_int8_checkpoint_roundtrip(tmp_path, arch):
+    model = _quantized(arch=arch)
+    convert_to_int8(model)
+    with torch.no_grad():
+        before = model(WINDOWS).logits
+    save_int8(model, _tokenizer(), tmp_path / "i8", "tiny")
+    loaded, tok, manifest = load_int8(tmp_path / "i8")
+    with torch.no_grad():
+        after = loaded(WINDOWS).logits
+    assert torch.equal(before, after)
+    assert len(manifest["int8_linears"]) == 13
+    assert weight_bytes(loaded) == weight_bytes(model)
+    # the int8 linears are stored as int8 on disk
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "i8" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.0.self_attn.q_proj.weight").get_dtype() in ("I8", "int8")
+
+
+def test_weight_bytes_shrink():
+    model = _quantized()
+    fp = weight_bytes(model)
+    convert_to_int8(model)
+    # 13 of 14 decoder linears go from 4 bytes to 1 (+ a float32 scale per row); embeddings stay float32
+    assert weight_bytes(model) < fp
+
+
+def test_bf16_cast_keeps_tied_embeddings_tied(tmp_path):
+    model = _quantized(arch="qwen2")  # tied embeddings
+    convert_to_int8(model)
+    save_int8(model, _tokenizer(), tmp_path / "i8", "tiny")
+    loaded, _, _ = load_int8(tmp_path / "i8", dtype=torch.bfloat16)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    save_int8(loaded, _tokenizer(), tmp_path / "b", "tiny")
+    again, _, _ = load_int8(tmp_path / "b")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert again.lm_head.weight.dtype == torch.bfloat16
