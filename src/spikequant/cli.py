@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from spikequant.cli_args import add_data_args, add_model_args, add_report_args
+from spikequant.cli_args import add_data_args, add_model_args, add_offload_arg, add_report_args
 from spikequant.errors import SpikequantError
 from spikequant.eval.zeroshot import add_arguments as zeroshot_arguments
 
@@ -33,15 +33,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from spikequant.export import is_quantized_dir
     from spikequant.pipeline import run_saved, save_report_files
     from spikequant.recipes import load_recipe
+    from spikequant.streaming.offload import should_stream
 
     session = _session(args)
+    streamed = should_stream(args.offload, args.model, args.dtype, "eval")
     if is_quantized_dir(args.model):
         if args.recipe:
             raise SpikequantError(f"{args.model} is a saved quantized model; it carries its recipe, drop --recipe")
-        report, recipe = run_saved(session, args.model)
+        if streamed:
+            from spikequant.streaming.evaluate import run_saved_streamed
+
+            report, recipe = run_saved_streamed(session, args.model)
+        else:
+            report, recipe = run_saved(session, args.model)
     else:
         recipe = load_recipe(args.recipe or "fp")
-        report, _ = session.run(recipe)
+        if streamed and not recipe.is_float:
+            raise SpikequantError(f"--offload disk evaluates saved models: run `spikequant quantize --model "
+                                  f"{args.model} --recipe {recipe.name} --output DIR` first, then eval DIR")
+        if streamed:
+            from spikequant.streaming.evaluate import run_float_streamed
+
+            report, _ = run_float_streamed(session)
+        else:
+            report, _ = session.run(recipe)
     _print_table([report])
     save_report_files([report], args.json, args.markdown, f"spikequant eval: {recipe.name}")
     return 0
@@ -54,16 +69,48 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SpikequantError(f"output directory {out} is not empty; pass --overwrite to replace its files")
     session = _session(args)
     session.kl = False
+    from spikequant.streaming.offload import should_stream
+
+    if should_stream(args.offload, args.model, args.dtype, "quantize"):
+        return _quantize_streamed(args, recipe, session, out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SpikequantError(f"output directory {out} is not empty; pass --overwrite to replace its files")
     loaded = session.loaded
     qm, findings = quantize(loaded.model, recipe, lambda: session.calibration(recipe), not args.no_progress)
     save_quantized(qm, loaded.tokenizer, recipe, args.model, out, findings)
     print(f"saved {recipe.name} quantization of {args.model} to {out} "
           f"({sum(not m.is_float for m in qm.plan.values())} linears quantized, "
           f"{100 * qm.high_precision_share():.2f}% of linear parameters in high precision)")
+    return 0
+
+
+def _quantize_streamed(args: argparse.Namespace, recipe, session, out: Path) -> int:
+    """``quantize`` one decoder layer at a time (``--offload disk``, or ``auto`` on a model too large);
+    the same command on a partly written output resumes at the next layer."""
+    import json
+    import shutil
+
+    from spikequant.streaming import StreamedModel, check_streamable, peak_rss_bytes, quantize_streamed
+    from spikequant.streaming.quantize import STATE, STATE_DIR
+
+    check_streamable(recipe)
+    partial = out / STATE_DIR / STATE
+    if args.overwrite:
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    elif partial.is_file():
+        done = json.loads(partial.read_text(encoding="utf-8")).get("done", 0)
+        print(f"resuming the streamed run in {out}: {done} layer(s) done, continuing at layer {done}")
+    elif out.exists() and any(out.iterdir()):
+        raise SpikequantError(f"output directory {out} is not empty; pass --overwrite to replace its files")
+    sm = StreamedModel(args.model, args.dtype, args.device)
+    qm, _ = quantize_streamed(sm, recipe, lambda: session.calibration(recipe, sm.tokenizer), out, args.model,
+                              progress=not args.no_progress)
+    print(f"saved {recipe.name} quantization of {args.model} to {out}, streamed one layer at a time "
+          f"({sum(not m.is_float for m in qm.plan.values())} linears quantized, "
+          f"{100 * qm.high_precision_share():.2f}% of linear parameters in high precision; "
+          f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB)")
     return 0
 
 
@@ -100,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="preset name or .yaml/.json file (default: fp)")
     add_data_args(p)
     add_report_args(p)
+    add_offload_arg(p)
     zeroshot_arguments(p)
     p.set_defaults(func=cmd_eval)
 
@@ -108,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="preset name or .yaml/.json file")
     p.add_argument("--output", required=True, help="directory to write the quantized model to")
     p.add_argument("--overwrite", action="store_true")
+    add_offload_arg(p)
     add_data_args(p)
     p.set_defaults(func=cmd_quantize)
 

@@ -22,7 +22,8 @@ from spikequant.export.saving import MANIFEST, QPARAMS, read_manifest, restore_q
 from spikequant.models.runner import capture_inputs, loaded_layer
 from spikequant.quant import QuantizedModel
 from spikequant.streaming.activations import Stream
-from spikequant.streaming.checkpoint import StreamedModel
+from spikequant.streaming.checkpoint import StreamedModel, peak_rss_bytes
+from spikequant.streaming.quantize import StreamingError
 from spikequant.transforms import expanded_config
 
 
@@ -77,3 +78,72 @@ def logprobs_streamed(sm: StreamedModel, windows: torch.Tensor, progress: bool =
     flushing denormals)."""
     stream = final_hidden(sm, windows, progress, "reference pass (streamed)", **kw)
     return [F.log_softmax(_head_logits(sm, h), dim=-1).to("cpu", dtype) for h, _ in stream.inputs]
+
+
+def _evaluation(res: EvalResult) -> dict[str, Any]:
+    from spikequant.eval import PerplexityEvaluator
+
+    cols = PerplexityEvaluator.columns
+    metrics = {k: getattr(res, k) for k, _ in cols}
+    details = {k: v for k, v in res.to_dict().items() if k not in dict(cols)}
+    return {"metrics": metrics, "columns": [list(c) for c in cols], "details": {"perplexity": details},
+            "seconds": round(res.seconds, 3)}
+
+
+def _prepare_session(session: Any, sm: StreamedModel) -> torch.Tensor:
+    from spikequant.data import eval_windows, load_text, tokenize
+    from spikequant.models import LoadedModel
+
+    if session.evaluators:
+        names = ", ".join(ev.name for ev in session.evaluators)
+        raise StreamingError(f"evaluators {names} run on a model in memory; drop them or use --offload none")
+    text = load_text(session.dataset, session.split, session.data_dir)
+    windows = eval_windows(tokenize(sm.tokenizer, text), session.seqlen, session.max_windows, text.max_windows)
+    # The report reads the model's class and dtype from here: the skeleton (its ends hold real tensors).
+    session._text, session._windows = text, windows
+    session._loaded = LoadedModel(model=sm.model, tokenizer=sm.tokenizer, source=sm.source, path=sm.path)
+    return windows
+
+
+def run_saved_streamed(session: Any, path: str | Path) -> tuple[dict[str, Any], Any]:
+    """:func:`spikequant.pipeline.run_saved` streamed: the saved model and, for KL, its base model, each
+    one decoder layer at a time. Returns the report and the recipe."""
+    from spikequant.recipes import Recipe
+
+    t = time.perf_counter()
+    sm, qm, manifest = open_saved(path, session.dtype, session.device)
+    load_s = time.perf_counter() - t
+    recipe = Recipe.from_dict(manifest["recipe"], str(Path(path) / MANIFEST))
+    windows = _prepare_session(session, sm)
+    reference = None
+    if session.kl:
+        base = StreamedModel(manifest["base_model"], session.dtype, session.device,
+                             attn_implementation=manifest.get("attn_implementation"))
+        reference = logprobs_streamed(base, windows, session.progress)
+        del base
+    res = evaluate_streamed(sm, windows, reference, session.progress, f"eval {recipe.name} (streamed)")
+    evaluation = _evaluation(res)
+    rep = session.report(recipe, evaluation, qm, manifest.get("findings", {}),
+                         {"load_s": round(load_s, 3), "quantize_s": 0.0, "eval_s": evaluation["seconds"]})
+    rep["model"].update(source=str(path), base_model=manifest["base_model"], offload="disk",
+                        peak_rss_bytes=peak_rss_bytes())
+    return rep, recipe
+
+
+def run_float_streamed(session: Any) -> tuple[dict[str, Any], Any]:
+    """``eval --recipe fp`` streamed: the perplexity of an unquantized checkpoint (KL is 0 by definition)."""
+    from spikequant.recipes import load_recipe
+
+    recipe = load_recipe("fp")
+    t = time.perf_counter()
+    sm = StreamedModel(session.model_source, session.dtype, session.device)
+    load_s = time.perf_counter() - t
+    windows = _prepare_session(session, sm)
+    res = evaluate_streamed(sm, windows, None, session.progress, "eval fp (streamed)")
+    evaluation = _evaluation(res)
+    if session.kl:
+        evaluation["metrics"].update(kl=0.0, top1=1.0)
+    rep = session.report(recipe, evaluation, None, {},
+                         {"load_s": round(load_s, 3), "quantize_s": 0.0, "eval_s": evaluation["seconds"]})
+    rep["model"].update(offload="disk", peak_rss_bytes=peak_rss_bytes())
+    return rep, recipe

@@ -107,6 +107,14 @@ def _needs_calibration(spec: QuantSpec | None) -> bool:
     return spec is not None and not spec.dynamic and not spec.is_float_cast
 
 
+def _needs_windows(recipe: Recipe) -> bool:
+    """Whether the recipe reads calibration windows (detection, GPTQ or a static activation scale)."""
+    if any(m.type in (*DETECTION, "gptq") for m in recipe.modifiers):
+        return True
+    specs = [recipe.inputs, recipe.outputs] + [s for o in recipe.overrides for s in o.slots.values()]
+    return any(_needs_calibration(s) for s in specs)
+
+
 def _restore_layer_qparams(model: nn.Module, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
     qm = QuantizedModel(model=model, names=names)
     for kind, quantizers in (("input", qm.inputs), ("output", qm.outputs)):
@@ -147,8 +155,6 @@ def quantize_streamed(
         if state.get("key") != key:
             raise StreamingError(f"{out} holds a partial streamed run of another recipe, model or calibration; "
                                  "pass --overwrite to start afresh")
-    state_dir.mkdir(parents=True, exist_ok=True)
-
     cache: list[torch.Tensor] = []
 
     def calib() -> torch.Tensor:
@@ -158,6 +164,9 @@ def quantize_streamed(
             cache.append(calibration() if callable(calibration) else calibration)
         return cache[0]
 
+    if _needs_windows(recipe):
+        calib()  # a bad data folder fails here, before anything is written
+    state_dir.mkdir(parents=True, exist_ok=True)
     ctx = QuantContext(model=model, calibration_windows=calib, seed=recipe.seed, progress=progress)
     mods = {m.type: m for m in recipe.modifiers}
     # 1. what needs all layers: detection (a read-only streamed pass), unless a resumed run has it.
