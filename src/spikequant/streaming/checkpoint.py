@@ -148,8 +148,16 @@ class StreamedModel:
                 raise ModelLoadError(f"{path}: no tensors for decoder layer {i} ({prefixes[i]}*)")
         for k in self.end_keys:
             _set_tensor(self.model, k, self._read(k))
-        if self.arch.lm_head + ".weight" not in self.end_keys:  # tied: lm_head reads the embedding matrix
-            self.model.get_submodule(self.arch.lm_head).weight = self.model.get_submodule(self.arch.embed).weight
+        # Tied embeddings are stored once, under either name (a GGUF conversion keeps lm_head's).
+        embed, head = self.model.get_submodule(self.arch.embed), self.model.get_submodule(self.arch.lm_head)
+        if head.weight.is_meta and not embed.weight.is_meta:
+            head.weight = embed.weight
+        elif embed.weight.is_meta and not head.weight.is_meta:
+            embed.weight = head.weight
+        missing = [n for n, p in self.model.named_parameters()
+                   if p.is_meta and _layer_index(n, self.arch.layers) is None]
+        if missing:
+            raise ModelLoadError(f"{path}: the checkpoint has no tensor for {', '.join(missing)}")
         self._loaded: set[int] = set()
         self._held: set[int] = set()
         setattr(self.model, LAYER_SOURCE, self)
