@@ -29,6 +29,7 @@ the same command resumes at the next layer. Results equal the in-memory pipeline
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -306,9 +308,10 @@ def _write_ends(sm: StreamedModel, out: Path, n: int) -> None:
     total = sum(v.numel() * v.element_size() for v in ends.values())
     for i in range(n):
         name = f"model-layer-{i:05d}.safetensors"
-        for k, v in load_file(str(out / name)).items():  # memory-mapped by safetensors; one layer at a time
-            weight_map[k] = name
-            total += v.numel() * v.element_size()
+        with safe_open(str(out / name), "pt") as f:  # reads the header only
+            for k in f.keys():  # noqa: SIM118 (a safetensors handle is not a mapping)
+                weight_map[k] = name
+                total += math.prod(f.get_slice(k).get_shape()) * sm.dtype.itemsize
     _atomic_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out / INDEX)
     with original_sizes(model):
         model.config.save_pretrained(out)
