@@ -1,7 +1,7 @@
 """Streamed quantization and perplexity on a 7B-shaped checkpoint: peak RSS and wall time per layer count.
 
 Each measurement is one ``spikequant`` command in a child process (``--offload disk``); its peak RSS is
-the child's own ``ru_maxrss`` (``os.wait4``), its wall time the child's. Checkpoints come from
+the child's own ``ru_maxrss`` (``os.wait4``), its wall time and CPU time (user + system) the child's. Checkpoints come from
 ``bench/make_7b_checkpoint.py`` (``ROOT/L<n>``); quantized outputs go to ``--work`` and are deleted after
 their perplexity is measured. Writes ``--json`` after every measurement and prints a markdown table.
 
@@ -32,7 +32,9 @@ def run(cmd: list[str]) -> dict:
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}")
-    return {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "command": " ".join(cmd)}
+    # CPU seconds too: on a shared machine the wall time moves with the other jobs' load.
+    return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "command": " ".join(cmd)}
 
 
 def main() -> None:
