@@ -1,9 +1,10 @@
 """Streamed quantization and perplexity on a 7B-shaped checkpoint: peak RSS and wall time per layer count.
 
 Each measurement is one ``spikequant`` command in a child process (``--offload disk``); its peak RSS is
-the child's own ``ru_maxrss`` (``os.wait4``), its wall time and CPU time (user + system) the child's. Checkpoints come from
-``bench/make_7b_checkpoint.py`` (``ROOT/L<n>``); quantized outputs go to ``--work`` and are deleted after
-their perplexity is measured. Writes ``--json`` after every measurement and prints a markdown table.
+the child's own ``ru_maxrss`` (``os.wait4``), its wall time and CPU time (user + system) the child's.
+Checkpoints come from ``bench/make_7b_checkpoint.py`` (``ROOT/L<n>``); quantized outputs go to ``--work``
+and are deleted after their perplexity is measured. Writes ``--json`` after every measurement and prints
+a markdown table.
 
     python bench/make_7b_checkpoint.py --output /work/bigtmp/llama7b --layers 4 8 16 32
     python bench/bench_streaming.py --root /work/bigtmp/llama7b --work /work/bigtmp/q --layers 4 8 16 \
