@@ -8,7 +8,7 @@ a markdown table.
 
     python bench/make_7b_checkpoint.py --output /work/bigtmp/llama7b --layers 4 8 16 32
     python bench/bench_streaming.py --root /work/bigtmp/llama7b --work /work/bigtmp/q --layers 4 8 16 \
-        --data-dir ../shared/data --json results/streaming-7b.json
+        --data-dir ../shared/data --json docs/scale-runs/streaming-7b.json
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("SPIKEQUANT_DATA_DIR", "../shared/data"))
     ap.add_argument("--eval-windows", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--json", default="results/streaming-7b.json")
+    ap.add_argument("--json", default="docs/scale-runs/streaming-7b.json")
     args = ap.parse_args()
     exe = [sys.executable, "-m", "spikequant.cli"]
     rows: list[dict] = []
