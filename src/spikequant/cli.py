@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from spikequant.cli_args import add_data_args, add_model_args, add_report_args, positive_int
+from spikequant.cli_args import add_data_args, add_model_args, add_offload_arg, add_report_args, positive_int
 from spikequant.errors import SpikequantError
 from spikequant.eval.zeroshot import add_arguments as zeroshot_arguments
 from spikequant.models import DEFAULT_MODEL
@@ -39,18 +39,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from spikequant.export.compressed import is_compressed_tensors_dir
     from spikequant.pipeline import run_saved, save_report_files
     from spikequant.recipes import load_recipe
+    from spikequant.streaming.offload import should_stream
 
     session = _session(args)
+    streamed = should_stream(args.offload, args.model, args.dtype, "eval")
     if is_quantized_dir(args.model) or is_compressed_tensors_dir(args.model):
         if args.recipe:
             raise SpikequantError(f"{args.model} is a saved quantized model; it carries its recipe, drop --recipe")
-        report, recipe = run_saved(session, args.model, args.backend)
+        if streamed:
+            if args.backend != "float" or is_compressed_tensors_dir(args.model):
+                raise SpikequantError(f"--offload disk evaluates spikequant folders on the float fake-quant path; "
+                                      f"{args.model} with --backend {args.backend} needs --offload none")
+            from spikequant.streaming.evaluate import run_saved_streamed
+
+            report, recipe = run_saved_streamed(session, args.model)
+        else:
+            report, recipe = run_saved(session, args.model, args.backend)
     elif args.backend != "float":
         raise SpikequantError(f"--backend {args.backend} evaluates a folder written by spikequant quantize; "
                               f"{args.model} is not one")
     else:
         recipe = load_recipe(args.recipe or "fp")
-        report, _ = session.run(recipe)
+        if streamed and not recipe.is_float:
+            raise SpikequantError(f"--offload disk evaluates saved models: run `spikequant quantize --model "
+                                  f"{args.model} --recipe {recipe.name} --output DIR` first, then eval DIR")
+        if streamed:
+            from spikequant.streaming.evaluate import run_float_streamed
+
+            report, _ = run_float_streamed(session)
+        else:
+            report, _ = session.run(recipe)
     _print_table([report])
     save_report_files([report], args.json, args.markdown, f"spikequant eval: {recipe.name}")
     return 0
@@ -63,13 +81,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SpikequantError(f"output directory {out} is not empty; pass --overwrite to replace its files")
     export_out = _export_output(args)
     if export_out is not None and export_out.exists() and any(export_out.iterdir()) and not args.overwrite:
         raise SpikequantError(f"export directory {export_out} is not empty; pass --overwrite to replace it")
     session = _session(args)
     session.kl = False
+    from spikequant.streaming.offload import should_stream
+
+    if should_stream(args.offload, args.model, args.dtype, "quantize"):
+        rc = _quantize_streamed(args, recipe, session, out)
+        if export_out is not None:
+            _export(out, export_out, args)
+        return rc
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SpikequantError(f"output directory {out} is not empty; pass --overwrite to replace its files")
     loaded = session.loaded
     qm, findings = quantize(loaded.model, recipe, lambda: session.calibration(recipe), not args.no_progress)
     save_quantized(qm, loaded.tokenizer, recipe, args.model, out, findings)
@@ -137,6 +162,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_streamed(args: argparse.Namespace, recipe, session, out: Path) -> int:
+    """``quantize`` one decoder layer at a time (``--offload disk``, or ``auto`` on a model too large);
+    the same command on a partly written output resumes at the next layer."""
+    import json
+    import shutil
+
+    from spikequant.streaming import StreamedModel, check_streamable, peak_rss_bytes, quantize_streamed
+    from spikequant.streaming.quantize import STATE, STATE_DIR
+
+    check_streamable(recipe)
+    partial = out / STATE_DIR / STATE
+    if args.overwrite:
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    elif partial.is_file():
+        done = json.loads(partial.read_text(encoding="utf-8")).get("done", 0)
+        print(f"resuming the streamed run in {out}: {done} layer(s) done, continuing at layer {done}")
+    elif out.exists() and any(out.iterdir()):
+        raise SpikequantError(f"output directory {out} is not empty; pass --overwrite to replace its files")
+    sm = StreamedModel(args.model, args.dtype, args.device)
+    qm, _ = quantize_streamed(sm, recipe, lambda: session.calibration(recipe, sm.tokenizer), out, args.model,
+                              progress=not args.no_progress)
+    print(f"saved {recipe.name} quantization of {args.model} to {out}, streamed one layer at a time "
+          f"({sum(not m.is_float for m in qm.plan.values())} linears quantized, "
+          f"{100 * qm.high_precision_share():.2f}% of linear parameters in high precision; "
+          f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from spikequant.pipeline import save_report_files
     from spikequant.recipes import load_recipe
@@ -173,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernels, W8A8 static models)")
     add_data_args(p)
     add_report_args(p)
+    add_offload_arg(p)
     zeroshot_arguments(p)
     p.set_defaults(func=cmd_eval)
 
@@ -186,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-output", default=None,
                    help="folder for --export (default: OUTPUT-FORMAT beside --output, e.g. q-compressed-tensors)")
     p.add_argument("--promote-fused", action="store_true", help=PROMOTE_HELP)
+    add_offload_arg(p)
     add_data_args(p)
     p.set_defaults(func=cmd_quantize)
 

@@ -48,3 +48,11 @@ def add_data_args(p: argparse.ArgumentParser, seqlen: int = 2048, max_windows: i
 def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the machine-readable report here")
     p.add_argument("--markdown", default=None, help="write a markdown report here")
+
+
+def add_offload_arg(p: argparse.ArgumentParser) -> None:
+    """--offload auto|none|disk (see spikequant.streaming.offload)."""
+    p.add_argument("--offload", default="auto", choices=["auto", "none", "disk"],
+                   help="disk: stream the model one decoder layer at a time from its safetensors shards; none: "
+                        "load it whole; auto: stream only when it does not fit in the available memory "
+                        "(default: %(default)s)")

@@ -138,12 +138,14 @@ class Session:
         assert self._windows is not None
         return self._windows
 
-    def calibration(self, recipe: Recipe) -> torch.Tensor:
+    def calibration(self, recipe: Recipe, tokenizer: Any = None) -> torch.Tensor:
+        """The recipe's calibration windows (``tokenizer``: instead of the loaded model's, e.g. a streamed
+        model's, so nothing is loaded whole)."""
         c = recipe.calibration
         key = (c.dataset, c.split, c.num_samples, c.seqlen, recipe.seed)
         if key not in self._calib_cache:
             text = load_text(c.dataset, c.split, self.data_dir)
-            ids = tokenize(self.loaded.tokenizer, text)
+            ids = tokenize(tokenizer or self.loaded.tokenizer, text)
             self._calib_cache[key] = (calibration_windows(ids, c.seqlen, c.num_samples, recipe.seed), text)
         return self._calib_cache[key][0]
 

@@ -174,34 +174,47 @@ def gptq_model(
     results: dict[str, dict[str, Any]] = {}
 
     def quantize_layer(i: int, layer: nn.Module, inputs: LayerInputs) -> None:
-        prefix = arch.layer_path(i) + "."
-        for step in arch.gptq_steps(true_sequential):
-            groups = [[p for p in g if prefix + p in specs] for g in step]
-            groups = [g for g in groups if g]
-            if not groups:
-                continue
-            hessians = {g[0]: Hessian() for g in groups}
-            handles = [layer.get_submodule(p).register_forward_pre_hook(h) for p, h in hessians.items()]
-            try:
-                # Nothing after the last input we need matters: stop the layer's forward there.
-                with stopping_at(layer.get_submodule(groups[-1][0])):
-                    for hidden, kw in inputs:
-                        with stopped():
-                            layer(hidden, **kw)
-            finally:
-                for hd in handles:
-                    hd.remove()
-            for g in groups:
-                h = hessians[g[0]].h
-                assert h is not None
-                for p in g:
-                    lin = layer.get_submodule(p)
-                    res = gptq_quantize(lin.weight, h, specs[prefix + p], damp, block_size, act_order, mse_clip)
-                    lin.weight.data = res.weight
-                    results[prefix + p] = {"scale": res.scale.cpu(), "loss": res.loss,
-                                           **({} if res.zero is None else {"zero": res.zero.cpu()})}
+        results.update(gptq_layer(arch, i, layer, inputs, specs, damp, block_size, act_order, mse_clip,
+                                  true_sequential))
 
     run_layers(model, windows, quantize_layer, batch_size=batch_size, desc="gptq", progress=progress)
+    return results
+
+
+@torch.no_grad()
+def gptq_layer(
+    arch: Any, i: int, layer: nn.Module, inputs: LayerInputs, specs: dict[str, QuantSpec], damp: float = 0.01,
+    block_size: int = 128, act_order: bool = True, mse_clip: bool = False, true_sequential: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """GPTQ of decoder layer ``i`` (in place) on the inputs that enter it; what :func:`gptq_model` runs
+    for each layer and a streamed run calls when the layer is loaded. Returns name -> {scale, zero, loss}."""
+    results: dict[str, dict[str, Any]] = {}
+    prefix = arch.layer_path(i) + "."
+    for step in arch.gptq_steps(true_sequential):
+        groups = [[p for p in g if prefix + p in specs] for g in step]
+        groups = [g for g in groups if g]
+        if not groups:
+            continue
+        hessians = {g[0]: Hessian() for g in groups}
+        handles = [layer.get_submodule(p).register_forward_pre_hook(h) for p, h in hessians.items()]
+        try:
+            # Nothing after the last input we need matters: stop the layer's forward there.
+            with stopping_at(layer.get_submodule(groups[-1][0])):
+                for hidden, kw in inputs:
+                    with stopped():
+                        layer(hidden, **kw)
+        finally:
+            for hd in handles:
+                hd.remove()
+        for g in groups:
+            h = hessians[g[0]].h
+            assert h is not None
+            for p in g:
+                lin = layer.get_submodule(p)
+                res = gptq_quantize(lin.weight, h, specs[prefix + p], damp, block_size, act_order, mse_clip)
+                lin.weight.data = res.weight
+                results[prefix + p] = {"scale": res.scale.cpu(), "loss": res.loss,
+                                       **({} if res.zero is None else {"zero": res.zero.cpu()})}
     return results
 
 
@@ -230,18 +243,37 @@ class GPTQ(Modifier):
         if self.num_samples is not None:
             require_positive_int(self.num_samples, "num_samples")
 
-    def apply(self, ctx: QuantContext) -> None:
+    def specs(self, ctx: QuantContext) -> dict[str, QuantSpec]:
+        """Full name -> weight spec of the decoder linears this modifier quantizes."""
         assert ctx.plan is not None, "the pipeline sets QuantContext.plan"
         decoder = set(_decoder_linear_names(ctx.model))
         specs = {n: mq.weights for n, mq in ctx.plan.items()
                  if mq.weights is not None and n in decoder and weight_qparams_of(ctx.model.get_submodule(n)) is None}
+        for name, spec in specs.items():
+            check_weight_spec(spec, f"gptq: {name}")
+        return specs
+
+    def windows(self, ctx: QuantContext) -> torch.Tensor:
+        windows = ctx.calibration_windows()
+        return windows if self.num_samples is None else windows[: self.num_samples]
+
+    def apply(self, ctx: QuantContext) -> None:
+        specs = self.specs(ctx)
         if not specs:
             return
-        windows = ctx.calibration_windows()
-        if self.num_samples is not None:
-            windows = windows[: self.num_samples]
+        windows = self.windows(ctx)
         res = gptq_model(ctx.model, windows, specs, self.damp, self.block_size, self.act_order, self.mse_clip,
                          self.true_sequential, self.batch_size, ctx.progress)
+        self.record(ctx, res, windows)
+
+    def quantize_layer(self, ctx: QuantContext, i: int, layer: nn.Module, inputs: LayerInputs,
+                       specs: dict[str, QuantSpec]) -> dict[str, dict[str, Any]]:
+        """GPTQ of layer ``i`` alone with this modifier's settings (the streamed pipeline's step)."""
+        return gptq_layer(get_arch(ctx.model), i, layer, inputs, specs, self.damp, self.block_size, self.act_order,
+                          self.mse_clip, self.true_sequential)
+
+    def record(self, ctx: QuantContext, res: dict[str, dict[str, Any]], windows: torch.Tensor) -> None:
+        """Put the weight parameters on the modules and the summary in the findings."""
         for name, r in res.items():
             set_weight_qparams(ctx.model.get_submodule(name), r["scale"], r.get("zero"))
         ctx.findings["gptq"] = {"windows": int(len(windows)), "seqlen": int(windows.shape[1]),

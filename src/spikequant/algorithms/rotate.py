@@ -49,16 +49,22 @@ class Rotate(Modifier):
             raise ValueError(f"o_online must be true, false or auto, got {self.o_online!r}")
         RotationConfig(self.r1, self.r2, self.r3, self.r4, 0, dict(self.expand))  # validates the keys
 
-    def apply(self, ctx: QuantContext) -> None:
+    def config(self, ctx: QuantContext) -> RotationConfig:
+        """The rotation this modifier applies to ``ctx.model`` (``o_online: auto`` resolved)."""
         seed = ctx.seed if self.seed is None else self.seed
         o_online = self.o_online
         if o_online == "auto":
             o_online = is_constructible(decoder_layers(ctx.model)[0].get_submodule(get_arch(ctx.model).o_proj)
                                         .in_features)
-        cfg = RotationConfig(self.r1, self.r2, self.r3, self.r4, seed, dict(self.expand), bool(o_online))
-        ctx.findings["rotation"] = rotate_model(ctx.model, cfg)
+        return RotationConfig(self.r1, self.r2, self.r3, self.r4, seed, dict(self.expand), bool(o_online))
+
+    def apply(self, ctx: QuantContext) -> None:
+        self.record(ctx, rotate_model(ctx.model, self.config(ctx)))
+
+    def record(self, ctx: QuantContext, report: dict) -> None:
+        ctx.findings["rotation"] = report
         if self.o_online == "auto":
-            ctx.findings["rotation"]["o_online_auto"] = bool(o_online)
+            ctx.findings["rotation"]["o_online_auto"] = report["o_online"]
 
 
 GROUPINGS = ("head", "token")
@@ -101,9 +107,10 @@ class KVCache(Modifier):
             kv_spec(self.bits, self.symmetric, "token", self.k_clip, 1)  # validates bits and clip
             kv_spec(self.bits, self.symmetric, "token", self.v_clip, 1)
 
-    def apply(self, ctx: QuantContext) -> None:
+    def specs(self, ctx: QuantContext) -> tuple[QuantSpec, QuantSpec] | None:
+        """The K and V quantizer specs for ``ctx.model`` (None: the cache stays in float)."""
         if self.bits is None:
-            return
+            return None
         dims = model_dims(ctx.model)
         hd, width = dims.head_dim, dims.num_kv_heads * dims.head_dim
         for name, g in (("k_group", self.k_group), ("v_group", self.v_group)):
@@ -112,5 +119,14 @@ class KVCache(Modifier):
                                   f"K/V cache ({dims.num_kv_heads} KV heads x head_dim {hd}) in every layer")
         k = kv_spec(self.bits, self.symmetric, self.k_group, self.k_clip, hd)
         v = kv_spec(self.bits, self.symmetric, self.v_group, self.v_clip, hd)
-        install_kv_quantizers(ctx.model, k, v)
-        ctx.findings["kv_cache"] = {"k": k.label, "v": v.label}
+        return k, v
+
+    def apply(self, ctx: QuantContext) -> None:
+        specs = self.specs(ctx)
+        if specs is None:
+            return
+        install_kv_quantizers(ctx.model, *specs)
+        self.record(ctx, specs)
+
+    def record(self, ctx: QuantContext, specs: tuple[QuantSpec, QuantSpec]) -> None:
+        ctx.findings["kv_cache"] = {"k": specs[0].label, "v": specs[1].label}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -74,13 +74,22 @@ def evaluate(
 
 def _evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Sequence[torch.Tensor] | None,
               progress: bool, desc: str) -> EvalResult:
-    start = time.perf_counter()
+    return score_windows(windows, lambda _i, w: _logits(model, w), reference, progress, desc)
+
+
+def score_windows(windows: torch.Tensor, logits_of: Callable[[int, torch.Tensor], torch.Tensor],
+                  reference: nn.Module | Sequence[torch.Tensor] | None, progress: bool = True,
+                  desc: str = "evaluating", start: float | None = None) -> EvalResult:
+    """The metrics of :func:`evaluate` from ``logits_of(i, window)``: the next-token logits (seqlen - 1,
+    vocab) of window ``i``, however they were computed (a whole model, or a streamed one layer by layer).
+    ``start``: the clock reading the timing counts from (default: now)."""
+    start = time.perf_counter() if start is None else start
     nll = 0.0
     kl_sum = 0.0
     agree = 0
     count = 0
     for i, w in enumerate(tqdm(windows, desc=desc, disable=not progress, leave=False)):
-        logits = _logits(model, w)
+        logits = logits_of(i, w)
         target = w[1:].to(logits.device)
         logp = F.log_softmax(logits, dim=-1)
         nll += float(-logp.gather(-1, target.unsqueeze(-1)).sum(dtype=torch.float64))

@@ -3,7 +3,8 @@ cached outputs of the layer before it.
 
 Every pass that needs activations uses it: GPTQ (Hessians of each layer on the outputs of the already
 quantized layers before it), the statistics of spike detection and SmoothQuant, static calibration, and
-what builds on those (a clip search, streaming of models larger than memory). A caller either hooks the
+what builds on those (a clip search). A streamed model (``spikequant.streaming``: layers without tensors
+until loaded) runs through the same loop: each layer is loaded before it runs and freed after. A caller either hooks the
 modules it wants to watch and lets :func:`run_layers` propagate, or passes ``on_layer`` to do its own
 work on a layer's inputs (e.g. collect a Hessian and quantize) before they are propagated through it.
 
@@ -17,13 +18,45 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from spikequant.models.arch import decoder_layers, get_arch
+
+# A model streamed from disk (``spikequant.streaming``) carries its layer source under this attribute: the
+# runner loads each decoder layer's tensors before the layer runs and frees them after.
+LAYER_SOURCE = "spikequant_layer_source"
+
+
+class LayerSource(Protocol):
+    """Loads decoder layer ``i``'s tensors into the model and frees them again."""
+
+    def load(self, i: int) -> None: ...
+
+    def release(self, i: int) -> None: ...
+
+    def status(self) -> str: ...
+
+
+def layer_source(model: nn.Module) -> LayerSource | None:
+    """The model's layer source if it is streamed (its layers hold no tensors until loaded), else None."""
+    return getattr(model, LAYER_SOURCE, None)
+
+
+@contextlib.contextmanager
+def loaded_layer(model: nn.Module, i: int):
+    """Within the block decoder layer ``i`` holds its tensors (a no-op for a model in memory)."""
+    source = layer_source(model)
+    if source is not None:
+        source.load(i)
+    try:
+        yield
+    finally:
+        if source is not None:
+            source.release(i)
 
 
 class _Stop(Exception):
@@ -118,10 +151,15 @@ def run_layers(
     batch ``b`` in every module, e.g. to tell a hook which window it sees. Returns the last outputs."""
     inputs = capture_inputs(model, windows, batch_size)
     layers = decoder_layers(model)
-    for i in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress, leave=False):
-        if on_layer is not None:
-            on_layer(i, layers[i], inputs)
-        inputs = run_layer(layers[i], inputs, before_batch)
+    source = layer_source(model)
+    bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress, leave=False)
+    for i in bar:
+        with loaded_layer(model, i):
+            if on_layer is not None:
+                on_layer(i, layers[i], inputs)
+            inputs = run_layer(layers[i], inputs, before_batch)
+        if source is not None:
+            bar.set_postfix_str(source.status(), refresh=False)
     if head:
         arch = get_arch(model)
         norm, lm_head = model.get_submodule(arch.final_norm), model.get_submodule(arch.lm_head)

@@ -2,6 +2,7 @@
 rotations (QuaRot layout, SpinQuant names), online Hadamards, and Dimension Expansion."""
 
 from spikequant.transforms.apply import (
+    LayerwiseRotation,
     RotationConfig,
     expanded_config,
     install_kv_quantizers,
@@ -31,7 +32,8 @@ from spikequant.transforms.rotation import (
 )
 
 __all__ = [
-    "AttentionTransform", "ExpansionError", "RMSNorm", "Rotation", "RotationConfig", "RotationError",
+    "AttentionTransform", "ExpansionError", "LayerwiseRotation", "RMSNorm", "Rotation", "RotationConfig",
+    "RotationError",
     "attention_transforms", "expand_hidden", "expand_mlp", "expanded_config", "expansion_cost",
     "fuse_down_hadamard", "fuse_input_hadamard", "fuse_norms", "has_online_hadamard",
     "install_online_hadamard", "install_kv_quantizers", "install_r3", "install_r4",

@@ -25,7 +25,14 @@ from spikequant.transforms.expand import (
     expansion_cost,
     resolve_extra,
 )
-from spikequant.transforms.norms import RMSNorm, fuse_norms, replace_norm, residual_norm_paths
+from spikequant.transforms.norms import (
+    RMSNorm,
+    fuse_final_norm,
+    fuse_layer_norms,
+    fuse_norms,
+    replace_norm,
+    residual_norm_paths,
+)
 from spikequant.transforms.online import (
     attention_transforms,
     has_online_hadamard,
@@ -41,9 +48,13 @@ from spikequant.transforms.rotation import (
     RotationError,
     fuse_down_hadamard,
     fuse_input_hadamard,
+    fuse_input_hadamard_layer,
     require_input_hadamard,
     rotate_heads,
+    rotate_heads_layer,
     rotate_residual,
+    rotate_residual_ends,
+    rotate_residual_layer,
 )
 
 STATE_VERSION = 1
@@ -123,6 +134,83 @@ def rotate_model(model: nn.Module, config: RotationConfig) -> dict[str, Any]:
     if extra_h or extra_m:
         report["expansion"] = cost.to_dict()
     return report
+
+
+@dataclass
+class LayerwiseRotation:
+    """:func:`rotate_model` split into the part at the ends and each decoder layer's share, for a model
+    streamed one layer at a time (``spikequant.streaming``). R1 is one matrix for the whole residual
+    stream, but every weight it touches is rotated on its own, so the ends (final norm into lm_head, R1 on
+    the embedding and lm_head, the online hooks, R3) and each layer (its norms, its R1 readers/writers,
+    R2, the fused halves of R4 and the o_proj Hadamard) can run at different times with the results of
+    :func:`rotate_model` bit for bit (``tests/streaming``). Dimension Expansion widens every layer and
+    the ends together and is not split: :meth:`prepare` refuses a config that needs it."""
+
+    config: RotationConfig
+    r1: Rotation | None
+    r2: Rotation | None
+    head_dim: int
+
+    @classmethod
+    def prepare(cls, model: nn.Module, config: RotationConfig) -> LayerwiseRotation:
+        """Check every size and build the rotations (the model is not changed)."""
+        dims = model_dims(model)
+        extra_h = resolve_extra(dims.hidden, config.expand.get("hidden"), config.r1 == "hadamard", "hidden")
+        extra_m = resolve_extra(dims.intermediate, config.expand.get("mlp"), config.r4, "mlp")
+        if extra_h or extra_m:
+            raise RotationError(f"dimension expansion (hidden +{extra_h}, mlp +{extra_m}) is not supported on a "
+                                "streamed model; run it in memory (--offload none)")
+        head_kind = "random" if config.r1 == "random" else "hadamard"
+        r1 = Rotation(dims.hidden, config.r1, config.seed) if config.r1 != "none" else None
+        r2 = Rotation(dims.head_dim, head_kind, config.seed + 1) if config.r2 else None
+        if config.r3:
+            Rotation(dims.head_dim, "hadamard")
+        if config.o_online:
+            require_input_hadamard(model, "o_proj")
+        if config.r4:
+            require_input_hadamard(model, "down_proj")
+        return cls(config, r1, r2, dims.head_dim)
+
+    def apply_ends(self, model: nn.Module) -> None:
+        """Embedding, final norm and lm_head, and the online transforms on every layer (hooks and the
+        attention wrapper hold no weights, so they go on the whole skeleton at once)."""
+        if not self.config.any:
+            return
+        fuse_final_norm(model)
+        if self.r1 is not None:
+            rotate_residual_ends(model, self.r1)
+        if self.config.r4:
+            install_r4(model)
+        if self.config.o_online:
+            install_online_hadamard(model, "o_proj")
+        if self.config.r3:
+            install_r3(model)
+
+    def apply_layer(self, model: nn.Module, i: int) -> None:
+        """Decoder layer ``i``'s weights (only its tensors are touched)."""
+        if not self.config.any:
+            return
+        arch = get_arch(model)
+        fuse_layer_norms(model, i)
+        if self.r1 is not None:
+            rotate_residual_layer(model, i, self.r1)
+        layer = model.get_submodule(arch.layer_path(i))
+        if self.r2 is not None:
+            rotate_heads_layer(layer, arch, self.head_dim, self.r2)
+        if self.config.r4:
+            fuse_input_hadamard_layer(layer, arch, "down_proj")
+        if self.config.o_online:
+            fuse_input_hadamard_layer(layer, arch, "o_proj")
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        """What :func:`rotate_model` reports for the same config."""
+        c, dims = self.config, model_dims(model)
+        out: dict[str, Any] = {"r1": c.r1, "r2": c.r2, "r3": c.r3, "r4": c.r4, "o_online": c.o_online,
+                               "seed": c.seed}
+        if c.any:
+            out.update({"hidden": [dims.hidden, dims.hidden], "mlp": [dims.intermediate, dims.intermediate],
+                        "head_dim": dims.head_dim})
+        return out
 
 
 def install_kv_quantizers(model: nn.Module, k: QuantSpec | None, v: QuantSpec | None) -> None:

@@ -109,21 +109,38 @@ def _scale_inputs(linear: nn.Linear, g: torch.Tensor) -> None:
     linear.weight.data = (w.to(torch.float64) * g.to(w.device, torch.float64)).to(w.dtype)
 
 
+def _fuse_group(model: nn.Module, norm_path: str, consumers: list[str]) -> None:
+    norm = model.get_submodule(norm_path)
+    g = norm.weight.detach()
+    for c in consumers:
+        _scale_inputs(model.get_submodule(c), g)  # type: ignore[arg-type]
+    dim = norm.dim if isinstance(norm, RMSNorm) else None
+    replace_norm(model, norm_path, torch.ones_like(g), dim)
+
+
+@torch.no_grad()
+def fuse_layer_norms(model: nn.Module, i: int) -> None:
+    """Layer ``i``'s share of :func:`fuse_norms`: its two norms folded into q/k/v and gate/up (touches
+    nothing outside the layer, so a streamed run can do it when the layer is loaded)."""
+    arch = get_arch(model)
+    base = arch.layer_path(i) + "."
+    for norm, consumers in arch.norm_consumers:
+        _fuse_group(model, base + norm, [base + p for p in consumers])
+
+
+@torch.no_grad()
+def fuse_final_norm(model: nn.Module) -> None:
+    """The ends' share of :func:`fuse_norms`: untie the embeddings and fold the final norm into lm_head."""
+    arch = get_arch(model)
+    untie_embeddings(model)
+    _fuse_group(model, arch.final_norm, [arch.lm_head])
+
+
 @torch.no_grad()
 def fuse_norms(model: nn.Module) -> None:
     """Untie embeddings, fold every residual RMSNorm's scale into the linears that read it and make
-    the norm weightless (weight = ones, an :class:`RMSNorm`). Exact in exact arithmetic."""
-    arch = get_arch(model)
-    untie_embeddings(model)
-    groups: list[tuple[str, list[str]]] = []
-    for i, _ in enumerate(decoder_layers(model)):
-        base = arch.layer_path(i) + "."
-        groups += [(base + norm, [base + p for p in consumers]) for norm, consumers in arch.norm_consumers]
-    groups.append((arch.final_norm, [arch.lm_head]))
-    for norm_path, consumers in groups:
-        norm = model.get_submodule(norm_path)
-        g = norm.weight.detach()
-        for c in consumers:
-            _scale_inputs(model.get_submodule(c), g)  # type: ignore[arg-type]
-        dim = norm.dim if isinstance(norm, RMSNorm) else None
-        replace_norm(model, norm_path, torch.ones_like(g), dim)
+    the norm weightless (weight = ones, an :class:`RMSNorm`). Exact in exact arithmetic. Each group is
+    independent of the others: :func:`fuse_final_norm` plus :func:`fuse_layer_norms` of every layer."""
+    fuse_final_norm(model)
+    for i in range(len(decoder_layers(model))):
+        fuse_layer_norms(model, i)

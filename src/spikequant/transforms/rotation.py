@@ -92,30 +92,60 @@ def _check_weightless(model: nn.Module) -> None:
         raise RotationError("R1 needs weightless norms: call fuse_norms(model) first")
 
 
-@torch.no_grad()
-def rotate_residual(model: nn.Module, rot: Rotation) -> None:
-    """R1: embedding and every reader of the residual stream W ← W R; o_proj/down_proj W ← Rᵀ W."""
+def _check_r1(model: nn.Module, rot: Rotation) -> None:
     _check_weightless(model)
-    arch = get_arch(model)
     dims = model_dims(model)
     if rot.n != dims.hidden:
         raise RotationError(f"R1 size {rot.n} != hidden_size {dims.hidden}")
+
+
+@torch.no_grad()
+def rotate_residual_ends(model: nn.Module, rot: Rotation) -> None:
+    """The ends' share of R1: the embedding and lm_head W ← W R."""
+    _check_r1(model, rot)
+    arch = get_arch(model)
     embed = model.get_submodule(arch.embed)
     _set_weight(embed, rot.right(_f64(embed.weight)))
-    readers = [arch.lm_head]
-    writers = []
-    for i in range(dims.num_layers):
-        base = arch.layer_path(i) + "."
-        readers += [base + p for p in arch.residual_readers]
-        writers += [base + p for p in arch.residual_writers]
-    for path in readers:
-        lin = model.get_submodule(path)
+    lin = model.get_submodule(arch.lm_head)
+    _set_weight(lin, rot.right(_f64(lin.weight)))
+
+
+@torch.no_grad()
+def rotate_residual_layer(model: nn.Module, i: int, rot: Rotation) -> None:
+    """Layer ``i``'s share of R1: its residual readers W ← W R, its writers (o_proj/down_proj) W ← Rᵀ W."""
+    arch = get_arch(model)
+    base = arch.layer_path(i) + "."
+    for p in arch.residual_readers:
+        lin = model.get_submodule(base + p)
         _set_weight(lin, rot.right(_f64(lin.weight)))
-    for path in writers:
-        lin = model.get_submodule(path)
+    for p in arch.residual_writers:
+        lin = model.get_submodule(base + p)
         _set_weight(lin, rot.left_t(_f64(lin.weight)))
         if lin.bias is not None:
             _set_weight(lin, rot.right(_f64(lin.bias)), "bias")
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, rot: Rotation) -> None:
+    """R1: embedding and every reader of the residual stream W ← W R; o_proj/down_proj W ← Rᵀ W. Every
+    weight is rotated on its own: :func:`rotate_residual_ends` plus :func:`rotate_residual_layer` of
+    every layer."""
+    _check_r1(model, rot)
+    rotate_residual_ends(model, rot)
+    for i in range(model_dims(model).num_layers):
+        rotate_residual_layer(model, i, rot)
+
+
+@torch.no_grad()
+def rotate_heads_layer(layer: nn.Module, arch, hd: int, rot: Rotation) -> None:
+    """One decoder layer's share of :func:`rotate_heads`."""
+    v, o = layer.get_submodule(arch.v_proj), layer.get_submodule(arch.o_proj)
+    wv = _f64(v.weight).view(-1, hd, v.in_features)  # (kv_heads, hd, hidden)
+    _set_weight(v, rot.right(wv.transpose(1, 2)).transpose(1, 2).reshape(v.weight.shape))
+    if v.bias is not None:
+        _set_weight(v, rot.right(_f64(v.bias).view(-1, hd)).flatten(), "bias")
+    wo = _f64(o.weight).view(o.out_features, -1, hd)  # (hidden, heads, hd)
+    _set_weight(o, rot.right(wo).reshape(o.weight.shape))
 
 
 @torch.no_grad()
@@ -127,15 +157,8 @@ def rotate_heads(model: nn.Module, rot: Rotation) -> None:
     dims = model_dims(model)
     if rot.n != dims.head_dim:
         raise RotationError(f"R2 size {rot.n} != head_dim {dims.head_dim}")
-    hd = dims.head_dim
     for layer in decoder_layers(model):
-        v, o = layer.get_submodule(arch.v_proj), layer.get_submodule(arch.o_proj)
-        wv = _f64(v.weight).view(-1, hd, v.in_features)  # (kv_heads, hd, hidden)
-        _set_weight(v, rot.right(wv.transpose(1, 2)).transpose(1, 2).reshape(v.weight.shape))
-        if v.bias is not None:
-            _set_weight(v, rot.right(_f64(v.bias).view(-1, hd)).flatten(), "bias")
-        wo = _f64(o.weight).view(o.out_features, -1, hd)  # (hidden, heads, hd)
-        _set_weight(o, rot.right(wo).reshape(o.weight.shape))
+        rotate_heads_layer(layer, arch, dims.head_dim, rot)
 
 
 def require_input_hadamard(model: nn.Module, proj: str) -> int:
@@ -154,6 +177,13 @@ def require_input_hadamard(model: nn.Module, proj: str) -> int:
 
 
 @torch.no_grad()
+def fuse_input_hadamard_layer(layer: nn.Module, arch, proj: str) -> None:
+    """One decoder layer's share of :func:`fuse_input_hadamard` (sizes checked by the caller)."""
+    lin = layer.get_submodule(getattr(arch, proj))
+    _set_weight(lin, hadamard_transform(_f64(lin.weight)))
+
+
+@torch.no_grad()
 def fuse_input_hadamard(model: nn.Module, proj: str) -> None:
     """Fused half of an online input Hadamard on ``proj`` (``down_proj``: R4; ``o_proj``: across all
     heads) in every layer: W ← W Mᵀ, where the online half maps the input z ↦ z Mᵀ
@@ -161,8 +191,7 @@ def fuse_input_hadamard(model: nn.Module, proj: str) -> None:
     require_input_hadamard(model, proj)
     arch = get_arch(model)
     for layer in decoder_layers(model):
-        lin = layer.get_submodule(getattr(arch, proj))
-        _set_weight(lin, hadamard_transform(_f64(lin.weight)))
+        fuse_input_hadamard_layer(layer, arch, proj)
 
 
 def fuse_down_hadamard(model: nn.Module) -> None:

@@ -1,0 +1,155 @@
+"""Streamed (layer by layer from disk) vs in memory: identical quantized weights, scales, plan, findings,
+logits and perplexity, for a spike-aware recipe, a QuaRot RTN recipe and a GPTQ recipe; resume after a
+stop; memory-mapped streams; one-line refusals."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+from spikequant.errors import SpikequantError
+from spikequant.eval.perplexity import evaluate, reference_logprobs
+from spikequant.export import load_quantized, save_quantized
+from spikequant.export.saving import QPARAMS
+from spikequant.models import load_model
+from spikequant.models.tiny import tiny_model
+from spikequant.pipeline import quantize
+from spikequant.recipes import Recipe, load_recipe
+from spikequant.streaming import (
+    StreamedModel,
+    evaluate_streamed,
+    logprobs_streamed,
+    open_saved,
+    quantize_streamed,
+)
+
+WINDOWS = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+EVAL = torch.randint(0, 96, (3, 24), generator=torch.Generator().manual_seed(2))
+
+
+def _tokenizer():
+    vocab = {f"t{i}": i for i in range(96)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                   unk_token="t0")
+
+
+def checkpoint(tmp_path, arch="llama", layers=3):
+    path = tmp_path / f"ckpt-{arch}"
+    tiny_model(arch, seed=7, num_hidden_layers=layers).save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+def spike_recipe() -> Recipe:
+    """spike-w8a8-tensor-static with a rule loose enough to exempt layers of a random tiny model."""
+    d = load_recipe("spike-w8a8-tensor-static").to_dict()
+    d["modifiers"][0].update(k=1.0, max_layers=3)
+    return Recipe.from_dict(d, "test")
+
+
+def all_weights(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        if f.name != QPARAMS:
+            out.update(load_file(str(f)))
+    return out
+
+
+def assert_same_dirs(a, b):
+    wa, wb = all_weights(a), all_weights(b)
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    qa, qb = load_file(str(a / QPARAMS)), load_file(str(b / QPARAMS))
+    assert sorted(qa) == sorted(qb)
+    for k in qa:
+        assert torch.equal(qa[k], qb[k]), k
+    ma, mb = (json.loads((p / "spikequant.json").read_text()) for p in (a, b))
+    for key in ("plan", "findings", "transforms", "attn_implementation", "recipe"):
+        assert ma.get(key) == mb.get(key), key
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: tied embeddings and q/k/v biases
+def test_streamed_perplexity_equals_in_memory(tmp_path, arch):
+    path = checkpoint(tmp_path, arch)
+    model = load_model(str(path), device="cpu", attn_implementation="eager").model
+    ref = evaluate(model, EVAL, progress=False)
+    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
+    got = evaluate_streamed(sm, EVAL, progress=False)
+    assert got.ppl == ref.ppl and got.tokens == ref.tokens
+    # the decoder layers hold no tensors between passes
+    assert all(p.is_meta for p in sm.layer(0).parameters())
+    assert all(torch.equal(a, b) for a, b in zip(logprobs_streamed(sm, EVAL, progress=False),
+                                                 reference_logprobs(model, EVAL, progress=False), strict=True))
+
+
+@pytest.mark.parametrize("preset", ["spike", "quarot-rtn-w4a4kv4", "quarot-w4a4kv4"])
+def test_streamed_quantize_equals_in_memory(tmp_path, preset):
+    recipe = spike_recipe() if preset == "spike" else load_recipe(preset)
+    path = checkpoint(tmp_path)
+    lm = load_model(str(path), device="cpu", attn_implementation="eager")
+    qm, findings = quantize(lm.model, recipe, WINDOWS, progress=False)
+    if preset == "spike":
+        assert findings["spike_layers"], "the test recipe should exempt some layers"
+    save_quantized(qm, lm.tokenizer, recipe, str(path), tmp_path / "mem", findings)
+
+    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
+    _, sfind = quantize_streamed(sm, recipe, WINDOWS, tmp_path / "disk", str(path), progress=False)
+    assert sfind == json.loads(json.dumps(findings))
+    assert not (tmp_path / "disk" / ".stream").exists()
+    assert_same_dirs(tmp_path / "mem", tmp_path / "disk")
+
+    # the streamed output loads in memory like any saved model, with the same logits
+    a, _, _, _ = load_quantized(tmp_path / "mem", device="cpu")
+    b, _, _, _ = load_quantized(tmp_path / "disk", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(a.model(EVAL).logits, b.model(EVAL).logits)
+    # and evaluates streamed with the in-memory perplexity and KL
+    base = load_model(str(path), device="cpu", attn_implementation="eager").model
+    reference = reference_logprobs(base, EVAL, progress=False)
+    mem = evaluate(a.model, EVAL, reference, progress=False)
+    ssm, _, _ = open_saved(tmp_path / "disk", device="cpu")
+    disk = evaluate_streamed(ssm, EVAL, reference, progress=False)
+    assert (disk.ppl, disk.kl, disk.top1) == (mem.ppl, mem.kl, mem.top1)
+
+
+def test_resume_after_a_stop_gives_the_same_result(tmp_path):
+    recipe = spike_recipe()
+    path = checkpoint(tmp_path, layers=4)
+    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
+    quantize_streamed(sm, recipe, WINDOWS, tmp_path / "full", str(path), progress=False)
+
+    out = tmp_path / "resumed"
+    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
+    quantize_streamed(sm, recipe, WINDOWS, out, str(path), progress=False, stop_after=2)
+    state = json.loads((out / ".stream" / "state.json").read_text())
+    assert state["done"] == 2 and not (out / "spikequant.json").exists()
+    first = (out / "model-layer-00000.safetensors").stat().st_mtime_ns
+    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")  # a fresh process
+    quantize_streamed(sm, recipe, WINDOWS, out, str(path), progress=False)
+    assert (out / "model-layer-00000.safetensors").stat().st_mtime_ns == first  # not redone
+    assert_same_dirs(tmp_path / "full", out)
+
+
+def test_memory_mapped_streams_give_the_same_result(tmp_path):
+    recipe = spike_recipe()
+    path = checkpoint(tmp_path)
+    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
+    quantize_streamed(sm, recipe, WINDOWS, tmp_path / "ram", str(path), progress=False)
+    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
+    quantize_streamed(sm, recipe, WINDOWS, tmp_path / "mmap", str(path), progress=False, memory_limit=0)
+    assert_same_dirs(tmp_path / "ram", tmp_path / "mmap")
+
+
+def test_refusals(tmp_path):
+    path = checkpoint(tmp_path)
+    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
+    with pytest.raises(SpikequantError, match="smoothquant"):
+        quantize_streamed(sm, load_recipe("smoothquant-w8a8-tensor"), WINDOWS, tmp_path / "o", str(path))
+    quantize_streamed(sm, spike_recipe(), WINDOWS, tmp_path / "p", str(path), progress=False, stop_after=1)
+    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
+    with pytest.raises(SpikequantError, match="another recipe"):
+        quantize_streamed(sm, load_recipe("w8a8-tensor-static"), WINDOWS, tmp_path / "p", str(path))
