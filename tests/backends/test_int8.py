@@ -196,3 +196,71 @@ def test_bf16_cast_keeps_tied_embeddings_tied(tmp_path):
     again, _, _ = load_int8(tmp_path / "b")
     assert again.lm_head.weight is again.model.embed_tokens.weight
     assert again.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_compiled_input_quantization_equals_eager():
+    """The fused (torch.compile) quantizer takes the same rounding decisions as the four eager ops, also on
+    values that lie exactly on a rounding boundary and beyond the int8 range, in float32 and bfloat16."""
+    from spikequant.backends.int8 import _compiled_quantize, _quantize_input
+
+    fn = _compiled_quantize()
+    if fn is None:
+        pytest.skip("torch.compile does not work on this machine (no C++ compiler): eager ops are used")
+    scale = torch.tensor(0.173)
+    g = torch.Generator().manual_seed(3)
+    ties = (torch.arange(-144, 144, dtype=torch.float32) + 0.5) * scale  # k + 1/2 steps: round-half-even
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.cat([torch.randn(37, 96, generator=g) * 12, ties.reshape(-1, 96)]).to(dtype)
+        assert torch.equal(fn(x, scale), _quantize_input(x, scale))
+
+
+def test_shared_input_groups_quantize_once_and_give_the_same_logits():
+    model = _quantized()
+    unshared = copy.deepcopy(model)
+    convert_to_int8(model)
+    convert_to_int8(unshared)
+    for m in unshared.modules():
+        if isinstance(m, Int8Linear):
+            m.shared = None
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared is not None
+    assert mlp.gate_proj.shared is mlp.up_proj.shared is not None and attn.o_proj.shared is None
+    calls = []
+    orig = Int8Linear.quantize_input.__globals__["_quantize_input"]
+
+    def counting(x, s):
+        calls.append(x.shape)
+        return orig(x, s)
+
+    Int8Linear.quantize_input.__globals__["_quantize_input"] = counting
+    try:
+        with torch.no_grad():
+            model(WINDOWS[:1, :8])
+    finally:
+        Int8Linear.quantize_input.__globals__["_quantize_input"] = orig
+    # per layer: q/k/v once, o once, gate/up once, down once (the exempt down_proj of layer 1 is float)
+    n_layers = len(model.model.layers)
+    assert len(calls) == 4 * n_layers - 1
+    with torch.no_grad():
+        assert torch.equal(model(WINDOWS).logits, unshared(WINDOWS).logits)
+
+
+def test_shared_input_is_not_reused_for_another_or_modified_tensor():
+    model = _quantized()
+    convert_to_int8(model, quant="eager")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 5, attn.q_proj.in_features)
+    with torch.no_grad():
+        attn.q_proj(x)
+        y = x.clone()
+        y[0, 0, 0] += 100.0
+        assert torch.equal(attn.k_proj(y), Int8Linear.forward(_unshared(attn.k_proj), y))
+        x.mul_(2.0)  # in place: the version counter moves, the cached int8 input is stale
+        assert torch.equal(attn.v_proj(x), Int8Linear.forward(_unshared(attn.v_proj), x))
+
+
+def _unshared(lin: Int8Linear) -> Int8Linear:
+    other = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, lin.kernel, lin.quant)
+    other.load_state_dict(lin.state_dict())
+    assert other.shared is None
+    return other

@@ -18,6 +18,8 @@ stacks read is separate work (``spikequant export``).
 from __future__ import annotations
 
 import json
+import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,12 @@ DEFAULT_KERNEL = "auto"
 # qlinear was measured pathologically slow on some shapes here (k/v_proj, 192 x 576: milliseconds per call;
 # docs/inference.md).
 AUTO_SMALL_M = 16
+# How the float input is quantized for prefill-sized inputs (more than AUTO_SMALL_M tokens): "eager" (four
+# ATen ops: divide, round, clamp, cast: each a pass over memory, as costly as the int8 matmul itself at
+# SmolLM2's sizes), "compiled" (the same expression through torch.compile: one fused loop, identical
+# results), "auto" ("compiled" where inductor works here, else "eager"). Decode steps always run eager
+# (a compiled call's guards cost more than the four small ops). $SPIKEQUANT_INT8_QUANT sets the default.
+QUANT_MODES = ("auto", "eager", "compiled")
 INT8_MANIFEST = "spikequant-int8.json"
 INT8_FORMAT_VERSION = 1
 
@@ -46,7 +54,58 @@ class Int8BackendError(SpikequantError):
 def _quantize_input(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # Division, not a multiplication by 1/scale: the same rounding decisions as the fake-quant forward
     # (quant/fake.py:int_qdq), in float32 whatever the activation dtype.
-    return torch.round(x.float() / scale).clamp_(-128, 127).to(torch.int8)
+    return torch.round(x.float() / scale).clamp(-128, 127).to(torch.int8)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def default_quant_mode() -> str:
+    mode = os.environ.get("SPIKEQUANT_INT8_QUANT", "auto")
+    if mode not in QUANT_MODES:
+        raise Int8BackendError(f"SPIKEQUANT_INT8_QUANT={mode!r}; choose from {', '.join(QUANT_MODES)}")
+    return mode
+
+
+def _compiled_quantize() -> Any | None:
+    """``_quantize_input`` through torch.compile (dynamic shapes), or None where inductor cannot build it
+    here (e.g. no C++ compiler): then the eager ops run, with the same results."""
+    if "fn" not in _COMPILED:
+        fn = torch.compile(_quantize_input, dynamic=True)
+        try:
+            probe = torch.linspace(-300, 300, 4 * 33).reshape(4, 33)
+            scale = torch.tensor(0.37)
+            ok = torch.equal(fn(probe, scale), _quantize_input(probe, scale))
+        except Exception:  # noqa: BLE001 - any inductor/toolchain failure means: use the eager ops
+            ok = False
+        _COMPILED["fn"] = fn if ok else None
+    return _COMPILED["fn"]
+
+
+class _SharedInput:
+    """The quantized input of linears that read the same tensor with the same static scale (q/k/v,
+    gate/up): the first quantizes, the others reuse it while the input is the very same tensor object,
+    unchanged (its version counter, where it has one)."""
+
+    __slots__ = ("ref", "version", "qx")
+
+    def __init__(self) -> None:
+        self.ref, self.version, self.qx = None, None, None
+
+    @staticmethod
+    def _version(x: torch.Tensor) -> int | None:
+        try:
+            return x._version
+        except RuntimeError:  # inference tensors keep no version counter (they cannot be modified in place
+            return None       # outside inference mode; inside, the model code between q/k/v does not)
+
+    def get(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.ref is not None and self.ref() is x and self.version == self._version(x):
+            return self.qx
+        return None
+
+    def put(self, x: torch.Tensor, qx: torch.Tensor) -> None:
+        self.ref, self.version, self.qx = weakref.ref(x), self._version(x), qx
 
 
 class Int8Linear(nn.Module):
@@ -59,11 +118,16 @@ class Int8Linear(nn.Module):
     (``int_mm`` for at most ``AUTO_SMALL_M`` tokens, else ``onednn``).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = DEFAULT_KERNEL) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = DEFAULT_KERNEL,
+                 quant: str | None = None) -> None:
         super().__init__()
         if kernel not in KERNELS:
             raise Int8BackendError(f"unknown int8 kernel {kernel!r}; choose from {', '.join(KERNELS)}")
-        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
+        quant = default_quant_mode() if quant is None else quant
+        if quant not in QUANT_MODES:
+            raise Int8BackendError(f"unknown int8 input quantization {quant!r}; choose from {', '.join(QUANT_MODES)}")
+        self.in_features, self.out_features, self.kernel, self.quant = in_features, out_features, kernel, quant
+        self.shared: _SharedInput | None = None  # set by share_inputs for linears reading one tensor
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("input_scale", torch.ones(()))
@@ -71,7 +135,8 @@ class Int8Linear(nn.Module):
         self._packed: dict[str, Any] | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernel: str = DEFAULT_KERNEL, name: str = "linear") -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, kernel: str = DEFAULT_KERNEL, name: str = "linear",
+                    quant: str | None = None) -> Int8Linear:
         """The kernel module of a frozen W8A8 linear (:func:`check_int8_linear` says which ones are)."""
         check_int8_linear(linear, name)
         w_scale = linear.weight_scale.detach().float().reshape(-1)
@@ -84,7 +149,7 @@ class Int8Linear(nn.Module):
         if off > 1e-2 or float(q.abs().max()) > 128:
             raise Int8BackendError(f"{name}: weight is not on its int8 grid (weight / weight_scale is {off:.3g} "
                                    "from an integer); the saved weights and scales disagree")
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, kernel)
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, kernel, quant)
         mod.weight.copy_(q.clamp(-128, 127).to(torch.int8))
         mod.weight_scale.copy_(w_scale)
         mod.input_scale.copy_(getattr(linear, INPUT_QUANTIZER).scale.detach().float().reshape(()))
@@ -110,9 +175,26 @@ class Int8Linear(nn.Module):
             self._packed = p
         return self._packed
 
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """int8(round(x / input_scale)), shared with the other linears of this input where set."""
+        if self.shared is not None:
+            qx = self.shared.get(x)
+            if qx is not None:
+                return qx
+        fn = None
+        if self.quant != "eager" and x.numel() // self.in_features > AUTO_SMALL_M:
+            fn = _compiled_quantize()
+            if fn is None and self.quant == "compiled":
+                raise Int8BackendError("int8 input quantization 'compiled': torch.compile does not work here "
+                                       "(e.g. no C++ compiler); use 'eager' or 'auto'")
+        qx = (fn or _quantize_input)(x, self.input_scale)
+        if self.shared is not None:
+            self.shared.put(x, qx)
+        return qx
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self._pack()
-        qx = _quantize_input(x, self.input_scale)
+        qx = self.quantize_input(x)
         kernel = self.kernel
         if kernel == "auto":
             kernel = "int_mm" if x.numel() // self.in_features <= AUTO_SMALL_M else "onednn"
@@ -122,14 +204,42 @@ class Int8Linear(nn.Module):
                                                       bias, 1.0, 0, x.dtype, "none", [], "")
         shape = x.shape[:-1]
         acc = torch._int_mm(qx.reshape(-1, self.in_features), p["w_t"])
-        y = acc.float().mul_(p["rescale"])
+        y = torch.mul(acc, p["rescale"])  # int32 * float32 -> float32, one op
         if self.bias is not None:
-            y.add_(self.bias.float())
+            y.add_(self.bias)
         return y.to(x.dtype).reshape(*shape, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, kernel={self.kernel}")
+                f"bias={self.bias is not None}, kernel={self.kernel}, quant={self.quant}, "
+                f"shared_input={self.shared is not None}")
+
+
+def share_inputs(model: nn.Module) -> int:
+    """Let the int8 linears of each input group (q/k/v, gate/up: :attr:`ArchSpec.input_groups`) quantize a
+    shared input once, where their static input scales are equal. Returns the number of groups shared;
+    0 for a model whose architecture spikequant does not know."""
+    from spikequant.models.arch import get_arch
+
+    try:
+        arch = get_arch(model)
+    except SpikequantError:
+        return 0
+    n_layers = len(model.get_submodule(arch.layers))
+    shared = 0
+    for i in range(n_layers):
+        layer = model.get_submodule(arch.layer_path(i))
+        for group in arch.input_groups:
+            mods = [layer.get_submodule(p) for p in group]
+            if len(mods) < 2 or not all(isinstance(m, Int8Linear) for m in mods):
+                continue
+            if not all(torch.equal(m.input_scale, mods[0].input_scale) for m in mods):
+                continue
+            holder = _SharedInput()
+            for m in mods:
+                m.shared = holder
+            shared += 1
+    return shared
 
 
 def scheme_problem(weights: QuantSpec | None, inputs: QuantSpec | None, outputs: QuantSpec | None) -> str | None:
@@ -262,7 +372,7 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def convert_to_int8(model: nn.Module, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype = torch.float32,
-                    progress: bool = False) -> list[str]:
+                    progress: bool = False, quant: str | None = None) -> list[str]:
     """Swap every quantized linear of a W8A8 static model for an :class:`Int8Linear` (in place); float
     linears (spike-exempt ones) stay as they are. ``dtype``: the activations and float modules (float32 as
     the fake-quant reference, or bfloat16). Returns the converted names. Checks the whole model first, so
@@ -274,7 +384,8 @@ def convert_to_int8(model: nn.Module, kernel: str = DEFAULT_KERNEL, dtype: torch
     for name in names:
         linear = model.get_submodule(name)
         _strip_fake_quant(linear)
-        _set_module(model, name, Int8Linear.from_linear(linear, kernel, name))
+        _set_module(model, name, Int8Linear.from_linear(linear, kernel, name, quant))
+    share_inputs(model)
     cast_float_parts(model, dtype)
     if tied:
         model.tie_weights()
@@ -327,7 +438,8 @@ def is_int8_dir(path: str | Path) -> bool:
     return (Path(path) / INT8_MANIFEST).is_file()
 
 
-def load_int8(path: str | Path, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype | None = None):
+def load_int8(path: str | Path, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype | None = None,
+              quant: str | None = None):
     """Load a folder written by :func:`save_int8`: the model is built from its config, the int8 linears
     put in place, then the tensors loaded (no float copy of the int8 weights is ever made).
     Returns (model, tokenizer, manifest)."""
@@ -353,7 +465,7 @@ def load_int8(path: str | Path, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype
     state = load_file(str(path / "model.safetensors"))
     for name in manifest["int8_linears"]:
         lin = model.get_submodule(name)
-        mod = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, kernel)
+        mod = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, kernel, quant)
         scheme = (manifest.get("schemes") or {}).get(name)
         if scheme is not None:
             from spikequant.quant import ModuleQuant
@@ -377,6 +489,7 @@ def load_int8(path: str | Path, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype
         raise ModelLoadError(f"{path / 'model.safetensors'} lacks {missing[0]} (and {len(missing) - 1} more)")
     if dtype is not None and dtype != saved_dtype:
         cast_float_parts(model, dtype)
+    share_inputs(model)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok, manifest
