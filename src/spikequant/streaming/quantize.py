@@ -9,13 +9,16 @@ loaded, with the same functions:
    ``random_exempt`` (max |input| of every linear on the float model, compared to the median over all
    of them) runs unchanged on the streamed model (a read-only pass of the layer runner); then the plan;
    then the rotation's ends (embedding, final norm into lm_head, online hooks: :class:`LayerwiseRotation`);
-2. for layer ``i``: its share of the rotation; GPTQ on the GPTQ stream (the calibration windows after
-   the GPTQ-quantized layers before it, float activations and KV cache, as ``gptq_model`` sees them),
-   which then runs through the quantized layer; attaching the layer's quantizers (RTN weights) and its
-   KV quantizers; static calibration on the calibration stream (the windows after the quantized layers
-   before it, static quantizers observing, as :meth:`QuantizedModel.calibrate` sees them), which runs
-   through the layer while observing; then the layer is written (one safetensors shard), its quantizer
-   state and the streams are saved for a resume, and its tensors are freed;
+2. for layer ``i``: SmoothQuant's statistics on the float stream (the windows through the float, unfolded
+   layers before it, as ``smooth_model``'s statistics pass sees them), which then runs through the still
+   unfolded layer, and the layer's folds (``smooth_layer``); its share of the rotation; GPTQ on the GPTQ
+   stream (the calibration windows after the GPTQ-quantized layers before it, float activations and KV
+   cache, as ``gptq_model`` sees them), which then runs through the quantized layer; attaching the layer's
+   quantizers (RTN weights) and its KV quantizers; static calibration on the calibration stream (the windows
+   after the quantized layers before it, static quantizers observing, as :meth:`QuantizedModel.calibrate`
+   sees them), which runs through the layer while observing; the layer's clip ratios (after calibration, as
+   the in-memory ``clip_ratios`` modifier sets them); then the layer is written (one safetensors shard), its
+   quantizer state and the streams are saved for a resume, and its tensors are freed;
 3. at the end: the ends' quantization (lm_head when targeted), the index, config, tokenizer,
    ``quantization.safetensors`` and ``spikequant.json``: the directory ``save_quantized`` writes, which
    ``load_quantized`` and the streamed evaluation read alike.
