@@ -9,6 +9,8 @@ loaded, with the same functions:
    ``random_exempt`` (max |input| of every linear on the float model, compared to the median over all
    of them) runs unchanged on the streamed model (a read-only pass of the layer runner); then the plan;
    then the rotation's ends (embedding, final norm into lm_head, online hooks: :class:`LayerwiseRotation`);
+   with ``smoothquant`` listed before ``rotate``, SmoothQuant's statistics too (``channel_maxima``, a
+   read-only pass ahead of the online hooks);
 2. for layer ``i``: SmoothQuant's statistics on the float stream (the windows through the float, unfolded
    layers before it, as ``smooth_model``'s statistics pass sees them), which then runs through the still
    unfolded layer, and the layer's folds (``smooth_layer``); its share of the rotation; GPTQ on the GPTQ
@@ -54,7 +56,7 @@ from spikequant.algorithms.clip_ratios import (
     in_key_order,
     set_clip_ratio,
 )
-from spikequant.algorithms.smoothquant import channel_max_hooks
+from spikequant.algorithms.smoothquant import channel_max_hooks, channel_maxima
 from spikequant.errors import SpikequantError
 from spikequant.export.saving import FORMAT_VERSION, MANIFEST, QPARAMS, build_manifest, qparam_tensors
 from spikequant.models.arch import get_arch
@@ -70,6 +72,7 @@ from spikequant.transforms.online import attention_transforms
 
 STATE_DIR = ".stream"
 STATE = "state.json"
+SMOOTH_STATS = "smooth-stats.safetensors"
 INDEX = "model.safetensors.index.json"
 # Modifiers that have a streamed form here; any other stops the run before it starts.
 DETECTION = ("spike_exempt", "random_exempt")
@@ -95,10 +98,6 @@ def check_streamable(recipe: Recipe) -> None:
             raise StreamingError(f"recipe {recipe.name!r}: {m.type} listed twice is not streamed; merge them or use "
                                  "--offload none")
         seen.append(m.type)
-    if "smoothquant" in seen and "rotate" in seen:
-        # The float stream of the statistics would have to follow the rotation's order; not built.
-        raise StreamingError(f"recipe {recipe.name!r}: smoothquant together with rotate is not streamed; use "
-                             "--offload none")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -214,6 +213,13 @@ def quantize_streamed(
     ratios: Ratios = mods["clip_ratios"].resolved() if "clip_ratios" in mods else {}  # type: ignore[attr-defined]
     kv = mods["kv_cache"].specs(ctx) if "kv_cache" in mods else None  # type: ignore[attr-defined]
     n = sm.num_layers
+    smooth = mods.get("smoothquant")
+    order = [m.type for m in recipe.modifiers]
+    # SmoothQuant listed before rotate: its statistics are those of the model as loaded, but the rotation's
+    # online transforms go on every layer before the loop, so a float stream would pass through them. The
+    # statistics are then one read-only streamed pass ahead (smooth_model's own), kept for the loop.
+    smooth_first = smooth is not None and "rotate" in mods and order.index("smoothquant") < order.index("rotate")
+    smooth_stats: dict[tuple[int, str], torch.Tensor] = {}
     # 1. what needs all layers: detection (a read-only streamed pass), unless a resumed run has it.
     if state is None:
         for m in recipe.modifiers:
@@ -223,22 +229,34 @@ def quantize_streamed(
 
         plan = build_plan(model, recipe, ctx.overrides)
         check_ratio_targets(ratios, n, _ratio_targets(plan, arch, n, kv))
+        if smooth_first:
+            smooth_stats = channel_maxima(model, smooth.windows(ctx), smooth.paths(model), progress)  # type: ignore
         state = {"key": key, "plan": _plan_to_dict(plan), "findings": ctx.findings, "done": 0, "gptq_loss": {},
                  "smoothquant": {}, "streams": []}
         state_dir.mkdir(parents=True, exist_ok=True)
+        if smooth_first:
+            _atomic_save({f"{i}.{path}": v for (i, path), v in smooth_stats.items()}, state_dir / SMOOTH_STATS)
         _atomic_json(state, state_dir / STATE)
     else:
         plan = _plan_from_dict(state["plan"])
         ctx.findings.update(state["findings"])
+        if smooth_first:
+            smooth_stats = {(int(k.partition(".")[0]), k.partition(".")[2]): v
+                            for k, v in load_file(str(state_dir / SMOOTH_STATS)).items()}
     ctx.plan = plan
+    start = int(state["done"])
     rotation = None
     if "rotate" in mods:
         rotation = LayerwiseRotation.prepare(model, mods["rotate"].config(ctx))  # type: ignore[attr-defined]
         rotation.apply_ends(model)
         mods["rotate"].record(ctx, rotation.report(model))  # type: ignore[attr-defined]
+    streams: dict[str, Stream] = {}
+    if smooth is not None and not smooth_first and start < n:
+        # SmoothQuant's statistics: the float windows through the float, unfolded layers (the model as
+        # smooth_model's statistics pass sees it, before any fold; rotated when rotate comes first).
+        streams["smooth"] = Stream("smooth", capture_inputs(model, smooth.windows(ctx), 1))  # type: ignore
     gptq = mods.get("gptq")
     gptq_specs = gptq.specs(ctx) if gptq is not None else {}  # type: ignore[attr-defined]
-    smooth = mods.get("smoothquant")
     layer_names = [[name for name in plan if name.startswith(arch.layer_path(i) + ".")] for i in range(n)]
     end_names = [name for name in plan if not any(name in ln for ln in layer_names)]
     static = any(_needs_calibration(mq.inputs) or _needs_calibration(mq.outputs) for mq in plan.values())
@@ -250,7 +268,6 @@ def quantize_streamed(
 
             t.k_quantizer, t.v_quantizer = KVQuantizer(kv[0]), KVQuantizer(kv[1])
 
-    start = int(state["done"])
     for i in range(start):  # a resumed run: the finished layers' state back on the skeleton
         attach(model, {name: plan[name] for name in layer_names[i]}, quantize_weights=False)
         _restore_layer_qparams(model, layer_names[i], load_file(str(state_dir / f"qparams-{i:05d}.safetensors")))
@@ -258,11 +275,6 @@ def quantize_streamed(
         _set_layer_ratios(QuantizedModel(model=model, names=layer_names[i]), i, ratios)
 
     # 2. the streams, captured from the (rotated) embedding; a resumed run reloads their hidden states.
-    streams: dict[str, Stream] = {}
-    if smooth is not None and start < n:
-        # SmoothQuant's statistics: the float windows through the float, unfolded layers (the model as
-        # smooth_model's statistics pass sees it, before any fold).
-        streams["smooth"] = Stream("smooth", capture_inputs(model, smooth.windows(ctx), 1))  # type: ignore
     if gptq_specs and start < n:
         streams["gptq"] = Stream("gptq", capture_inputs(model, gptq.windows(ctx), gptq.batch_size))  # type: ignore
     if static:
@@ -291,6 +303,8 @@ def quantize_streamed(
         sm.hold(i)
         layer = sm.layer(i)
         with torch.no_grad():
+            if rotation is not None and not smooth_first:
+                rotation.apply_layer(model, i)
             if "smooth" in streams:
                 stats: dict[tuple[int, str], torch.Tensor] = {}
                 handles = channel_max_hooks(layer, i, smooth.paths(model), stats)  # type: ignore[union-attr]
@@ -300,7 +314,9 @@ def quantize_streamed(
                     for h in handles:
                         h.remove()
                 state["smoothquant"].update(smooth.smooth_layer(ctx, i, layer, stats))  # type: ignore[union-attr]
-            if rotation is not None:
+            if smooth_first:
+                state["smoothquant"].update(smooth.smooth_layer(ctx, i, layer, smooth_stats))  # type: ignore
+            if rotation is not None and smooth_first:
                 rotation.apply_layer(model, i)
             specs_i = {name: s for name, s in gptq_specs.items() if name in layer_names[i]}
             if specs_i:
