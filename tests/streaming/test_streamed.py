@@ -205,8 +205,9 @@ def test_resume_after_a_stop_gives_the_same_result(tmp_path, preset):
     assert_same_dirs(tmp_path / "full", out)
 
 
-def test_memory_mapped_streams_give_the_same_result(tmp_path):
-    recipe = spike_recipe()
+@pytest.mark.parametrize("preset", ["spike", "sq-ext-spike-static"])  # the second adds the float stream
+def test_memory_mapped_streams_give_the_same_result(tmp_path, preset):
+    recipe = make_recipe(preset, tmp_path)
     path = checkpoint(tmp_path)
     sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
     quantize_streamed(sm, recipe, WINDOWS, tmp_path / "ram", str(path), progress=False)
