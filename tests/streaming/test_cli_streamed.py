@@ -27,8 +27,9 @@ def ckpt(tmp_path):
     return path
 
 
-def test_streamed_quantize_and_eval_match_in_memory(tmp_path, ckpt, data_dir, capsys):
-    common = ["--model", str(ckpt), "--recipe", RECIPE, "--data-dir", str(data_dir), "--no-progress"]
+@pytest.mark.parametrize("recipe", [RECIPE, "smoothquant-ext-spike-w8a8-tensor-static"])
+def test_streamed_quantize_and_eval_match_in_memory(tmp_path, ckpt, data_dir, capsys, recipe):
+    common = ["--model", str(ckpt), "--recipe", recipe, "--data-dir", str(data_dir), "--no-progress"]
     assert main(["quantize", *common, "--output", str(tmp_path / "mem"), "--offload", "none"]) == 0
     assert main(["quantize", *common, "--output", str(tmp_path / "disk"), "--offload", "disk"]) == 0
     out = capsys.readouterr().out

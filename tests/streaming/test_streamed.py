@@ -1,6 +1,7 @@
 """Streamed (layer by layer from disk) vs in memory: identical quantized weights, scales, plan, findings,
-logits and perplexity, for a spike-aware recipe, a QuaRot RTN recipe and a GPTQ recipe; resume after a
-stop; memory-mapped streams; one-line refusals."""
+logits and perplexity, for a spike-aware recipe, a QuaRot RTN recipe, a GPTQ recipe, SmoothQuant (the
+paper's folds, the extended folds with spike detection and static scales, with GPTQ) and clip ratios
+(static and dynamic quantizers, KV cache); resume after a stop; memory-mapped streams; one-line refusals."""
 
 import json
 
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
+from spikequant.algorithms.clip_ratios import clip_ratios
 from spikequant.errors import SpikequantError
 from spikequant.eval.perplexity import evaluate, reference_logprobs
 from spikequant.export import load_quantized, save_quantized
@@ -50,6 +52,60 @@ def spike_recipe() -> Recipe:
     return Recipe.from_dict(d, "test")
 
 
+def sq_ext_spike_recipe() -> Recipe:
+    """smoothquant-ext-spike-w8a8-tensor-static (detection, the four folds, static scales) with the loose rule."""
+    d = load_recipe("smoothquant-ext-spike-w8a8-tensor-static").to_dict()
+    d["modifiers"][0].update(k=1.0, max_layers=3)
+    return Recipe.from_dict(d, "test")
+
+
+def sq_gptq_recipe() -> Recipe:
+    """smoothquant-w8a8-tensor (the paper's folds, dynamic inputs) with GPTQ weights."""
+    d = load_recipe("smoothquant-w8a8-tensor").to_dict()
+    d["modifiers"].append({"type": "gptq", "batch_size": 2})
+    return Recipe.from_dict(d, "test")
+
+
+CLIP = {"layers": {"0": {"q_proj": 0.9, "o_proj": 0.5, "down_proj": 0.7, "k_cache": 0.6},
+                   "2": {"gate_proj": 0.6, "k_proj": 0.8}}}
+
+
+def clip_static_recipe(tmp_path) -> Recipe:
+    """smoothquant-w8a8-tensor-static with a dynamic KV8 cache and clip ratios from a file (static scales
+    recomputed; the K ratio is set after calibration, as in memory, so the later layers' scales are
+    observed behind the unclipped K cache)."""
+    (tmp_path / "ratios.json").write_text(json.dumps(CLIP))
+    d = load_recipe("smoothquant-w8a8-tensor-static").to_dict()
+    d["modifiers"] += [{"type": "kv_cache", "bits": 8},
+                       {"type": "clip_ratios", "file": str(tmp_path / "ratios.json"),
+                        "ratios": {"1": {"up_proj": 0.75}}}]
+    return Recipe.from_dict(d, "test")
+
+
+def clip_kv_recipe() -> Recipe:
+    """quarot-rtn-w4a4kv4 with inline clip ratios on dynamic inputs and the K/V cache."""
+    d = load_recipe("quarot-rtn-w4a4kv4").to_dict()
+    d["modifiers"].append({"type": "clip_ratios", "ratios": {"0": {"k_cache": 0.9, "v_proj": 0.8, "v_cache": 0.7},
+                                                             "1": {"down_proj": 0.85}}})
+    return Recipe.from_dict(d, "test")
+
+
+def sq_rotate_recipe(first: bool) -> Recipe:
+    """quarot-w4a4kv4 (rotations, GPTQ, KV4) with SmoothQuant's paper folds before or after rotate (extended
+    folds after: then o_proj's statistics are taken behind its online Hadamard, as in memory)."""
+    d = load_recipe("quarot-w4a4kv4").to_dict()
+    d["modifiers"].insert(0 if first else 1, {"type": "smoothquant", "alpha": 0.6, "num_samples": 3,
+                                              "down": not first, "o": not first})
+    return Recipe.from_dict(d, "test")
+
+
+def make_recipe(preset, tmp_path) -> Recipe:
+    makers = {"spike": spike_recipe, "sq-ext-spike-static": sq_ext_spike_recipe, "sq-gptq": sq_gptq_recipe,
+              "clip-static": lambda: clip_static_recipe(tmp_path), "clip-kv": clip_kv_recipe,
+              "sq-rotate": lambda: sq_rotate_recipe(True), "rotate-sq": lambda: sq_rotate_recipe(False)}
+    return makers[preset]() if preset in makers else load_recipe(preset)
+
+
 def all_weights(path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -86,14 +142,25 @@ def test_streamed_perplexity_equals_in_memory(tmp_path, arch):
                                                  reference_logprobs(model, EVAL, progress=False), strict=True))
 
 
-@pytest.mark.parametrize("preset", ["spike", "quarot-rtn-w4a4kv4", "quarot-w4a4kv4"])
+@pytest.mark.parametrize("preset", ["spike", "quarot-rtn-w4a4kv4", "quarot-w4a4kv4", "smoothquant-w8a8-tensor-static",
+                                    "sq-ext-spike-static", "sq-gptq", "clip-static", "clip-kv", "sq-rotate",
+                                    "rotate-sq"])
 def test_streamed_quantize_equals_in_memory(tmp_path, preset):
-    recipe = spike_recipe() if preset == "spike" else load_recipe(preset)
+    recipe = make_recipe(preset, tmp_path)
     path = checkpoint(tmp_path)
     lm = load_model(str(path), device="cpu", attn_implementation="eager")
     qm, findings = quantize(lm.model, recipe, WINDOWS, progress=False)
-    if preset == "spike":
+    if preset in ("spike", "sq-ext-spike-static"):
         assert findings["spike_layers"], "the test recipe should exempt some layers"
+    if "sq" in preset or preset.startswith("smoothquant") or preset == "clip-static":
+        assert findings["smoothquant"]["max_scale"] > 0
+    if preset.startswith("clip"):
+        # the ratios reached the quantizers (so the comparison below covers them)
+        ratios = {(i, k): r for i, e in clip_ratios(qm).items() for k, r in e.items()}
+        if preset == "clip-static":
+            assert (ratios[(0, "o_proj")], ratios[(1, "up_proj")], ratios[(1, "o_proj")]) == (0.5, 0.75, 1.0)
+        else:
+            assert (ratios[(0, "k_cache")], ratios[(0, "v_cache")], ratios[(1, "k_cache")]) == (0.9, 0.7, 1.0)
     save_quantized(qm, lm.tokenizer, recipe, str(path), tmp_path / "mem", findings)
 
     sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
@@ -116,8 +183,9 @@ def test_streamed_quantize_equals_in_memory(tmp_path, preset):
     assert (disk.ppl, disk.kl, disk.top1) == (mem.ppl, mem.kl, mem.top1)
 
 
-def test_resume_after_a_stop_gives_the_same_result(tmp_path):
-    recipe = spike_recipe()
+@pytest.mark.parametrize("preset", ["spike", "sq-ext-spike-static", "clip-static", "sq-rotate"])
+def test_resume_after_a_stop_gives_the_same_result(tmp_path, preset):
+    recipe = make_recipe(preset, tmp_path)
     path = checkpoint(tmp_path, layers=4)
     sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
     quantize_streamed(sm, recipe, WINDOWS, tmp_path / "full", str(path), progress=False)
@@ -127,6 +195,9 @@ def test_resume_after_a_stop_gives_the_same_result(tmp_path):
     quantize_streamed(sm, recipe, WINDOWS, out, str(path), progress=False, stop_after=2)
     state = json.loads((out / ".stream" / "state.json").read_text())
     assert state["done"] == 2 and not (out / "spikequant.json").exists()
+    streams = {"spike": ["calib"], "sq-rotate": ["gptq"]}.get(preset, ["smooth", "calib"])
+    assert state["streams"] == streams  # sq-rotate: the statistics were a pass ahead, kept in a file
+    assert (out / ".stream" / "smooth-stats.safetensors").exists() == (preset == "sq-rotate")
     first = (out / "model-layer-00000.safetensors").stat().st_mtime_ns
     sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")  # a fresh process
     quantize_streamed(sm, recipe, WINDOWS, out, str(path), progress=False)
@@ -134,8 +205,9 @@ def test_resume_after_a_stop_gives_the_same_result(tmp_path):
     assert_same_dirs(tmp_path / "full", out)
 
 
-def test_memory_mapped_streams_give_the_same_result(tmp_path):
-    recipe = spike_recipe()
+@pytest.mark.parametrize("preset", ["spike", "sq-ext-spike-static"])  # the second adds the float stream
+def test_memory_mapped_streams_give_the_same_result(tmp_path, preset):
+    recipe = make_recipe(preset, tmp_path)
     path = checkpoint(tmp_path)
     sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
     quantize_streamed(sm, recipe, WINDOWS, tmp_path / "ram", str(path), progress=False)
@@ -144,11 +216,41 @@ def test_memory_mapped_streams_give_the_same_result(tmp_path):
     assert_same_dirs(tmp_path / "ram", tmp_path / "mmap")
 
 
+def with_modifiers(preset: str, modifiers: list) -> Recipe:
+    d = load_recipe(preset).to_dict()
+    d["modifiers"] = modifiers
+    return Recipe.from_dict(d, "test")
+
+
 def test_refusals(tmp_path):
     path = checkpoint(tmp_path)
     sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
-    with pytest.raises(SpikequantError, match="smoothquant"):
-        quantize_streamed(sm, load_recipe("smoothquant-w8a8-tensor"), WINDOWS, tmp_path / "o", str(path))
+    sq, rot = {"type": "smoothquant"}, {"type": "rotate"}
+    for modifiers, match in [
+        ([{"type": "gbs"}], "'gbs' has no streamed form"),
+        ([sq, {"type": "spike_exempt"}], "spike_exempt after smoothquant"),
+        ([rot, {"type": "spike_exempt"}], "spike_exempt after rotate"),
+        ([sq, sq], "smoothquant listed twice"),
+        # ratios are checked against the plan before anything is written
+        ([{"type": "clip_ratios", "ratios": {"3": {"q_proj": 0.5}}}], r"layer 3 out of range \(model has 3"),
+        ([{"type": "clip_ratios", "ratios": {"1": {"k_cache": 0.5}}}], "layer 1.k_cache: no KV-cache quantizer"),
+        ([{"type": "clip_ratios", "file": str(tmp_path / "missing.json")}], "clip ratio file not found"),
+    ]:
+        with pytest.raises(SpikequantError, match=match):
+            quantize_streamed(sm, with_modifiers("w8a8-tensor-static", modifiers), WINDOWS, tmp_path / "o",
+                              str(path), progress=False)
+        assert not (tmp_path / "o").exists()
+    # a ratio on an input the plan leaves in float: refused the same way in memory and streamed
+    float_q = with_modifiers("w8a8-tensor-static", [{"type": "clip_ratios", "ratios": {"0": {"o_proj": 0.5}}}])
+    d = float_q.to_dict()
+    d["overrides"] = [{"match": ["re:.*layers\\.0\\.self_attn\\.o_proj"], "inputs": None}]
+    float_q = Recipe.from_dict(d, "test")
+    lm = load_model(str(path), device="cpu", attn_implementation="eager")
+    with pytest.raises(SpikequantError, match="layer 0.o_proj: that linear's input is not quantized"):
+        quantize(lm.model, float_q, WINDOWS, progress=False)
+    with pytest.raises(SpikequantError, match="layer 0.o_proj: that linear's input is not quantized"):
+        quantize_streamed(sm, float_q, WINDOWS, tmp_path / "o", str(path), progress=False)
+    assert not (tmp_path / "o").exists()
     quantize_streamed(sm, spike_recipe(), WINDOWS, tmp_path / "p", str(path), progress=False, stop_after=1)
     sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
     with pytest.raises(SpikequantError, match="another recipe"):

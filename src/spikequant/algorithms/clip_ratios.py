@@ -18,6 +18,7 @@ File format (JSON or YAML)::
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -165,15 +166,25 @@ class ClipRatios(Modifier):
             return
         qm = ctx.qm
         assert qm is not None, "clip_ratios runs at the quantized stage, after the quantizers exist"
-        n_layers = len(decoder_layers(ctx.model))
         index = activation_quantizers(qm)
+        check_ratio_targets(ratios, len(decoder_layers(ctx.model)), index)
         for layer, entries in sorted(ratios.items()):
-            if not 0 <= layer < n_layers:
-                raise RecipeError(f"clip_ratios: layer {layer} out of range (model has {n_layers} layers)")
             for key, r in in_key_order(entries):
-                if (layer, key) not in index:
-                    what = "no KV-cache quantizer (add a kv_cache modifier)" if key in ("k_cache", "v_cache") \
-                        else "that linear's input is not quantized"
-                    raise RecipeError(f"clip_ratios: layer {layer}.{key}: {what}")
                 set_clip_ratio(qm, layer, key, r, index)
+        self.record(ctx, ratios)
+
+    def record(self, ctx: QuantContext, ratios: Ratios) -> None:
         ctx.findings["clip_ratios"] = {str(i): e for i, e in sorted(ratios.items())}
+
+
+def check_ratio_targets(ratios: Ratios, n_layers: int, targets: Container[tuple[int, str]]) -> None:
+    """Fail (one line naming the layer and key) where a ratio has no quantizer to set: a layer out of
+    range, or a (layer, key) not in ``targets`` (the quantizers that exist or, streamed, will exist)."""
+    for layer, entries in sorted(ratios.items()):
+        if not 0 <= layer < n_layers:
+            raise RecipeError(f"clip_ratios: layer {layer} out of range (model has {n_layers} layers)")
+        for key, _ in in_key_order(entries):
+            if (layer, key) not in targets:
+                what = "no KV-cache quantizer (add a kv_cache modifier)" if key in ("k_cache", "v_cache") \
+                    else "that linear's input is not quantized"
+                raise RecipeError(f"clip_ratios: layer {layer}.{key}: {what}")

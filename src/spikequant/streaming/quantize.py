@@ -9,13 +9,18 @@ loaded, with the same functions:
    ``random_exempt`` (max |input| of every linear on the float model, compared to the median over all
    of them) runs unchanged on the streamed model (a read-only pass of the layer runner); then the plan;
    then the rotation's ends (embedding, final norm into lm_head, online hooks: :class:`LayerwiseRotation`);
-2. for layer ``i``: its share of the rotation; GPTQ on the GPTQ stream (the calibration windows after
-   the GPTQ-quantized layers before it, float activations and KV cache, as ``gptq_model`` sees them),
-   which then runs through the quantized layer; attaching the layer's quantizers (RTN weights) and its
-   KV quantizers; static calibration on the calibration stream (the windows after the quantized layers
-   before it, static quantizers observing, as :meth:`QuantizedModel.calibrate` sees them), which runs
-   through the layer while observing; then the layer is written (one safetensors shard), its quantizer
-   state and the streams are saved for a resume, and its tensors are freed;
+   with ``smoothquant`` listed before ``rotate``, SmoothQuant's statistics too (``channel_maxima``, a
+   read-only pass ahead of the online hooks);
+2. for layer ``i``: SmoothQuant's statistics on the float stream (the windows through the float, unfolded
+   layers before it, as ``smooth_model``'s statistics pass sees them), which then runs through the still
+   unfolded layer, and the layer's folds (``smooth_layer``); its share of the rotation; GPTQ on the GPTQ
+   stream (the calibration windows after the GPTQ-quantized layers before it, float activations and KV
+   cache, as ``gptq_model`` sees them), which then runs through the quantized layer; attaching the layer's
+   quantizers (RTN weights) and its KV quantizers; static calibration on the calibration stream (the windows
+   after the quantized layers before it, static quantizers observing, as :meth:`QuantizedModel.calibrate`
+   sees them), which runs through the layer while observing; the layer's clip ratios (after calibration, as
+   the in-memory ``clip_ratios`` modifier sets them); then the layer is written (one safetensors shard), its
+   quantizer state and the streams are saved for a resume, and its tensors are freed;
 3. at the end: the ends' quantization (lm_head when targeted), the index, config, tokenizer,
    ``quantization.safetensors`` and ``spikequant.json``: the directory ``save_quantized`` writes, which
    ``load_quantized`` and the streamed evaluation read alike.
@@ -44,6 +49,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spikequant.algorithms.base import QuantContext
+from spikequant.algorithms.clip_ratios import (
+    Ratios,
+    activation_quantizers,
+    check_ratio_targets,
+    in_key_order,
+    set_clip_ratio,
+)
+from spikequant.algorithms.smoothquant import channel_max_hooks, channel_maxima
 from spikequant.errors import SpikequantError
 from spikequant.export.saving import FORMAT_VERSION, MANIFEST, QPARAMS, build_manifest, qparam_tensors
 from spikequant.models.arch import get_arch
@@ -59,10 +72,11 @@ from spikequant.transforms.online import attention_transforms
 
 STATE_DIR = ".stream"
 STATE = "state.json"
+SMOOTH_STATS = "smooth-stats.safetensors"
 INDEX = "model.safetensors.index.json"
 # Modifiers that have a streamed form here; any other stops the run before it starts.
 DETECTION = ("spike_exempt", "random_exempt")
-STREAMED = (*DETECTION, "rotate", "gptq", "kv_cache")
+STREAMED = (*DETECTION, "smoothquant", "rotate", "gptq", "kv_cache", "clip_ratios")
 
 
 class StreamingError(SpikequantError):
@@ -71,16 +85,19 @@ class StreamingError(SpikequantError):
 
 def check_streamable(recipe: Recipe) -> None:
     """Fail (one line naming the modifier) on a recipe the streamed pipeline cannot run."""
-    seen_rotate = False
+    seen: list[str] = []
     for m in recipe.modifiers:
         if m.type not in STREAMED:
             raise StreamingError(f"recipe {recipe.name!r}: modifier {m.type!r} has no streamed form (streamed: "
                                  f"{', '.join(STREAMED)}); run it in memory with --offload none")
-        if m.type == "rotate":
-            seen_rotate = True
-        if m.type in DETECTION and seen_rotate:
-            raise StreamingError(f"recipe {recipe.name!r}: {m.type} after rotate is not streamed (detection runs "
-                                 "on the model as loaded); list it first or use --offload none")
+        for before in ("rotate", "smoothquant"):
+            if m.type in DETECTION and before in seen:
+                raise StreamingError(f"recipe {recipe.name!r}: {m.type} after {before} is not streamed (detection "
+                                     "runs on the model as loaded); list it first or use --offload none")
+        if m.type in ("smoothquant", "clip_ratios") and m.type in seen:
+            raise StreamingError(f"recipe {recipe.name!r}: {m.type} listed twice is not streamed; merge them or use "
+                                 "--offload none")
+        seen.append(m.type)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -111,10 +128,32 @@ def _needs_calibration(spec: QuantSpec | None) -> bool:
 
 def _needs_windows(recipe: Recipe) -> bool:
     """Whether the recipe reads calibration windows (detection, GPTQ or a static activation scale)."""
-    if any(m.type in (*DETECTION, "gptq") for m in recipe.modifiers):
+    if any(m.type in (*DETECTION, "smoothquant", "gptq") for m in recipe.modifiers):
         return True
     specs = [recipe.inputs, recipe.outputs] + [s for o in recipe.overrides for s in o.slots.values()]
     return any(_needs_calibration(s) for s in specs)
+
+
+def _ratio_targets(plan: dict[str, ModuleQuant], arch: Any, n: int, kv: Any) -> set[tuple[int, str]]:
+    """The (layer, key) pairs a clip ratio can set once the layers are attached: what
+    :func:`~spikequant.algorithms.clip_ratios.activation_quantizers` will find, known before any layer runs."""
+    targets: set[tuple[int, str]] = set()
+    for i in range(n):
+        for role, path in arch.linear_roles.items():
+            mq = plan.get(f"{arch.layer_path(i)}.{path}")
+            if mq is not None and mq.inputs is not None:
+                targets.add((i, role))
+        if kv is not None:
+            targets |= {(i, "k_cache"), (i, "v_cache"), (i, "v_proj")}
+    return targets
+
+
+def _set_layer_ratios(qm_i: QuantizedModel, i: int, ratios: Ratios) -> None:
+    """Layer ``i``'s clip ratios on its quantizers (in key order, as the modifier sets them)."""
+    if ratios.get(i):
+        index = activation_quantizers(qm_i)
+        for key, r in in_key_order(ratios[i]):
+            set_clip_ratio(qm_i, i, key, r, index)
 
 
 def _restore_layer_qparams(model: nn.Module, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
@@ -168,9 +207,19 @@ def quantize_streamed(
 
     if _needs_windows(recipe):
         calib()  # a bad data folder fails here, before anything is written
-    state_dir.mkdir(parents=True, exist_ok=True)
     ctx = QuantContext(model=model, calibration_windows=calib, seed=recipe.seed, progress=progress)
     mods = {m.type: m for m in recipe.modifiers}
+    # a bad ratio file or KV group fails here, before anything is written
+    ratios: Ratios = mods["clip_ratios"].resolved() if "clip_ratios" in mods else {}  # type: ignore[attr-defined]
+    kv = mods["kv_cache"].specs(ctx) if "kv_cache" in mods else None  # type: ignore[attr-defined]
+    n = sm.num_layers
+    smooth = mods.get("smoothquant")
+    order = [m.type for m in recipe.modifiers]
+    # SmoothQuant listed before rotate: its statistics are those of the model as loaded, but the rotation's
+    # online transforms go on every layer before the loop, so a float stream would pass through them. The
+    # statistics are then one read-only streamed pass ahead (smooth_model's own), kept for the loop.
+    smooth_first = smooth is not None and "rotate" in mods and order.index("smoothquant") < order.index("rotate")
+    smooth_stats: dict[tuple[int, str], torch.Tensor] = {}
     # 1. what needs all layers: detection (a read-only streamed pass), unless a resumed run has it.
     if state is None:
         for m in recipe.modifiers:
@@ -179,21 +228,35 @@ def quantize_streamed(
         from spikequant.pipeline import build_plan
 
         plan = build_plan(model, recipe, ctx.overrides)
-        state = {"key": key, "plan": _plan_to_dict(plan), "findings": ctx.findings, "done": 0, "gptq_loss": {}}
+        check_ratio_targets(ratios, n, _ratio_targets(plan, arch, n, kv))
+        if smooth_first:
+            smooth_stats = channel_maxima(model, smooth.windows(ctx), smooth.paths(model), progress)  # type: ignore
+        state = {"key": key, "plan": _plan_to_dict(plan), "findings": ctx.findings, "done": 0, "gptq_loss": {},
+                 "smoothquant": {}, "streams": []}
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if smooth_first:
+            _atomic_save({f"{i}.{path}": v for (i, path), v in smooth_stats.items()}, state_dir / SMOOTH_STATS)
         _atomic_json(state, state_dir / STATE)
     else:
         plan = _plan_from_dict(state["plan"])
         ctx.findings.update(state["findings"])
+        if smooth_first:
+            smooth_stats = {(int(k.partition(".")[0]), k.partition(".")[2]): v
+                            for k, v in load_file(str(state_dir / SMOOTH_STATS)).items()}
     ctx.plan = plan
+    start = int(state["done"])
     rotation = None
     if "rotate" in mods:
         rotation = LayerwiseRotation.prepare(model, mods["rotate"].config(ctx))  # type: ignore[attr-defined]
         rotation.apply_ends(model)
         mods["rotate"].record(ctx, rotation.report(model))  # type: ignore[attr-defined]
-    kv = mods["kv_cache"].specs(ctx) if "kv_cache" in mods else None  # type: ignore[attr-defined]
+    streams: dict[str, Stream] = {}
+    if smooth is not None and not smooth_first and start < n:
+        # SmoothQuant's statistics: the float windows through the float, unfolded layers (the model as
+        # smooth_model's statistics pass sees it, before any fold; rotated when rotate comes first).
+        streams["smooth"] = Stream("smooth", capture_inputs(model, smooth.windows(ctx), 1))  # type: ignore
     gptq = mods.get("gptq")
     gptq_specs = gptq.specs(ctx) if gptq is not None else {}  # type: ignore[attr-defined]
-    n = sm.num_layers
     layer_names = [[name for name in plan if name.startswith(arch.layer_path(i) + ".")] for i in range(n)]
     end_names = [name for name in plan if not any(name in ln for ln in layer_names)]
     static = any(_needs_calibration(mq.inputs) or _needs_calibration(mq.outputs) for mq in plan.values())
@@ -205,22 +268,28 @@ def quantize_streamed(
 
             t.k_quantizer, t.v_quantizer = KVQuantizer(kv[0]), KVQuantizer(kv[1])
 
-    start = int(state["done"])
     for i in range(start):  # a resumed run: the finished layers' state back on the skeleton
         attach(model, {name: plan[name] for name in layer_names[i]}, quantize_weights=False)
         _restore_layer_qparams(model, layer_names[i], load_file(str(state_dir / f"qparams-{i:05d}.safetensors")))
         install_kv(i)
+        _set_layer_ratios(QuantizedModel(model=model, names=layer_names[i]), i, ratios)
 
     # 2. the streams, captured from the (rotated) embedding; a resumed run reloads their hidden states.
-    streams: dict[str, Stream] = {}
     if gptq_specs and start < n:
         streams["gptq"] = Stream("gptq", capture_inputs(model, gptq.windows(ctx), gptq.batch_size))  # type: ignore
     if static:
         streams["calib"] = Stream("calib", capture_inputs(model, calib(), 1))
     if start:
+        recorded = state.get("streams")  # absent in a state.json written before streams were recorded
+        missing = [name for name in streams if recorded is not None and name not in recorded]
+        if missing:
+            raise StreamingError(f"{state_dir / STATE} records no {', '.join(missing)} stream to resume from; "
+                                 "pass --overwrite to start afresh")
         saved = load_file(str(state_dir / "streams.safetensors"))
         for s in streams.values():
             s.load_state(saved)
+    state["streams"] = list(streams)  # what streams.safetensors holds from the next layer on
+    state.setdefault("smoothquant", {})
     if sum(s.nbytes for s in streams.values()) > memory_limit:
         for s in streams.values():
             s.to_mmap(state_dir / f"{s.name}.bin")
@@ -234,7 +303,20 @@ def quantize_streamed(
         sm.hold(i)
         layer = sm.layer(i)
         with torch.no_grad():
-            if rotation is not None:
+            if rotation is not None and not smooth_first:
+                rotation.apply_layer(model, i)
+            if "smooth" in streams:
+                stats: dict[tuple[int, str], torch.Tensor] = {}
+                handles = channel_max_hooks(layer, i, smooth.paths(model), stats)  # type: ignore[union-attr]
+                try:
+                    streams["smooth"].propagate(layer)
+                finally:
+                    for h in handles:
+                        h.remove()
+                state["smoothquant"].update(smooth.smooth_layer(ctx, i, layer, stats))  # type: ignore[union-attr]
+            if smooth_first:
+                state["smoothquant"].update(smooth.smooth_layer(ctx, i, layer, smooth_stats))  # type: ignore
+            if rotation is not None and smooth_first:
                 rotation.apply_layer(model, i)
             specs_i = {name: s for name, s in gptq_specs.items() if name in layer_names[i]}
             if specs_i:
@@ -252,6 +334,8 @@ def quantize_streamed(
                 for _, q in qm_i.quantizers():
                     if q.needs_calibration:
                         q.freeze()
+            # after calibration, as the in-memory clip_ratios modifier (quantized stage) sets them
+            _set_layer_ratios(qm_i, i, ratios)
         # Write the layer, then its quantizer state and the streams, then mark it done (in that order:
         # a kill between two steps leaves the layer not done, and a rerun redoes it).
         _atomic_save(sm.layer_state(i), out / f"model-layer-{i:05d}.safetensors")
@@ -277,6 +361,8 @@ def quantize_streamed(
             for _, q in qm_end.quantizers():
                 if q.needs_calibration:
                     q.freeze()
+    if smooth is not None:
+        smooth.record(ctx, state["smoothquant"], smooth.windows(ctx))  # type: ignore[attr-defined]
     if kv is not None:
         mods["kv_cache"].record(ctx, kv)  # type: ignore[attr-defined]
     if gptq_specs:
@@ -284,6 +370,8 @@ def quantize_streamed(
         w = gptq.windows(ctx)  # type: ignore[union-attr]
         ctx.findings["gptq"] = {"windows": int(len(w)), "seqlen": int(w.shape[1]), "linears": len(losses),
                                 "mean_loss": sum(losses.values()) / len(losses)}
+    if ratios:
+        mods["clip_ratios"].record(ctx, ratios)  # type: ignore[attr-defined]
     qm = QuantizedModel(model=model, names=list(plan))
     _write_ends(sm, out, n)
     save_file(qparam_tensors(qm), str(out / QPARAMS), metadata={"format": "spikequant", "version": str(FORMAT_VERSION)})
