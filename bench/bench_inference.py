@@ -37,6 +37,7 @@ ROWS = {
     "fake-quant": "W8A8 fake-quant (float32 simulation, the reference)",
     "int8": "int8 linears (auto: oneDNN qlinear for prefill, _int_mm for decode), float32 elsewhere",
     "int8-bf16": "int8 linears (auto), bfloat16 activations and float modules (stored in bfloat16)",
+    "int8-bf16-eager": "as int8-bf16, the input quantization in four eager ops instead of one fused (compiled) loop",
     "int8-onednn": "int8 linears (oneDNN qlinear only), float32 activations and float modules",
     "int8-int_mm": "int8 linears (torch._int_mm), float32 activations and float modules",
 }
@@ -83,9 +84,11 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         kernel = {"int8-int_mm": "int_mm", "int8-onednn": "onednn"}.get(name, "auto")
         path = Path(args.int8_dir)
-        if name == "int8-bf16" and (path.parent / "int8-bf16").exists():
+        bf16 = name.startswith("int8-bf16")
+        if bf16 and (path.parent / "int8-bf16").exists():
             path = path.parent / "int8-bf16"  # int8 linears, the float modules stored in bfloat16
-        model, tok, _ = load_int8(path, kernel, torch.bfloat16 if name == "int8-bf16" else torch.float32)
+        model, tok, _ = load_int8(path, kernel, torch.bfloat16 if bf16 else torch.float32,
+                                  quant="eager" if name.endswith("-eager") else "auto")
     load_s = time.perf_counter() - t
     out: dict = {"backend": name, "load_s": round(load_s, 2), "weight_bytes": weight_bytes(model),
                  "load_before": load_avg()}
@@ -100,6 +103,7 @@ def worker(args: argparse.Namespace) -> dict:
                 med, samples = timed(lambda x=x: model(x, use_cache=True, logits_to_keep=1), args.repeats)
                 out[f"prefill_b{batch}_tps"] = batch * args.prompt_len / med
                 out[f"prefill_b{batch}_s"] = [round(s, 4) for s in samples]
+                out[f"prefill_b{batch}_best_tps"] = batch * args.prompt_len / min(samples)
         prompt = tok.decode(ids[:args.prompt_len])
         prepared = PreparedModel(model, tok, "int8" if name.startswith("int8") else "float", args.model)
         decode = []
@@ -148,7 +152,7 @@ def ensure_checkpoints(args: argparse.Namespace, work: Path) -> dict[str, int]:
         del model
     for k in ("int8", "int8-int_mm", "int8-onednn"):
         sizes[k] = dir_bytes(Path(args.int8_dir))
-    sizes["int8-bf16"] = dir_bytes(bf16_int8)
+    sizes["int8-bf16"] = sizes["int8-bf16-eager"] = dir_bytes(bf16_int8)
     return sizes
 
 

@@ -2,7 +2,7 @@
 
 Evaluates the fake-quant model of a ``spikequant quantize`` folder with ``sdpa`` and with ``eager``
 attention (the same maths, rounded in a different order) and the int8 backend of the same folder, on the
-same windows, in one process:
+same windows, in one process (and the int8 backend with the other attention as well):
 
     PYTHONPATH=src python bench/int8_rounding_check.py /tmp/q8 --data-dir /work/shared/data --windows 2
 """
@@ -39,7 +39,9 @@ def main() -> None:
     convert_to_int8(int8)
     fake.config._attn_implementation = "eager" if impl != "eager" else "sdpa"
     print(f"fake-quant, {fake.config._attn_implementation}: PPL {evaluate(fake, w, progress=False).ppl:.4f}")
-    print(f"int8 backend, {impl}: PPL {evaluate(int8, w, progress=False).ppl:.4f}")
+    print(f"int8 backend, {impl}: PPL {evaluate(int8, w, progress=False).ppl:.4f}", flush=True)
+    int8.config._attn_implementation = fake.config._attn_implementation
+    print(f"int8 backend, {int8.config._attn_implementation}: PPL {evaluate(int8, w, progress=False).ppl:.4f}")
 
 
 if __name__ == "__main__":
