@@ -1,0 +1,117 @@
+"""The GBS clip search on a streamed saved model (layers read from the shards on demand) gives the in-memory
+search's ratios.json byte for byte, the same objective values and the same state file, in fast mode
+(horizon 1 and 3, objective ppl) and exact mode; a stopped streamed search resumes to the same ratios; a
+probe holds only the layers it runs."""
+
+import json
+
+import pytest
+import torch
+
+from spikequant.algorithms.clip_ratios import save_ratio_file
+from spikequant.algorithms.gbs import SLOTS, GBSConfig, gbs_search
+from spikequant.export import load_quantized
+from spikequant.recipes import load_recipe
+from spikequant.streaming import StreamedModel, open_saved, quantize_streamed
+
+from .test_streamed import WINDOWS, checkpoint
+
+SEARCH = torch.randint(0, 96, (3, 24), generator=torch.Generator().manual_seed(0))
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """quarot-rtn-w4a4kv4 (R1–R4, online o_proj Hadamard, RTN W4, A4 per token, KV4) of a tiny random Llama,
+    written streamed (one shard per layer), as `spikequant quantize --offload disk` does."""
+    tmp = tmp_path_factory.mktemp("gbs-streamed")
+    path = checkpoint(tmp, layers=LAYERS)
+    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
+    quantize_streamed(sm, load_recipe("quarot-rtn-w4a4kv4"), WINDOWS, tmp / "q", str(path), progress=False)
+    return tmp / "q"
+
+
+class Stop(Exception):
+    pass
+
+
+def loaded_layers(sm: StreamedModel) -> list[int]:
+    return [i for i in range(sm.num_layers) if not any(p.is_meta for p in sm.layer(i).parameters())]
+
+
+def search(folder, config, out, streamed, stop=None, check=None):
+    """One search (in memory: load_quantized; streamed: open_saved) writing out/state.json and
+    out/ratios.json; ``stop=(event, n)`` raises at that probe event, as a kill would end the run."""
+    out.mkdir(exist_ok=True)
+    if streamed:
+        sm, qm, _ = open_saved(folder, device="cpu")
+    else:
+        sm, (_, qm, _, _) = None, load_quantized(folder, device="cpu")
+
+    def on_probe(event, n):
+        if check is not None and event == "evaluated":
+            check(sm, n)
+        if stop is not None and (event, n) == stop:
+            raise Stop
+
+    res = gbs_search(qm, SEARCH, config, state_path=out / "state.json", progress=False, on_probe=on_probe)
+    save_ratio_file(res.ratios, out / "ratios.json")
+    if sm is not None:
+        assert loaded_layers(sm) == []  # every layer is freed again
+    return res
+
+
+def without_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [without_seconds(v) for v in obj]
+    return obj
+
+
+def assert_same(a, b, dir_a, dir_b):
+    assert (dir_a / "ratios.json").read_bytes() == (dir_b / "ratios.json").read_bytes()
+    # the report's per-slot results: ratios, objective values and every probe, exactly
+    assert [without_seconds(s.to_dict()) for s in a.slots] == [without_seconds(s.to_dict()) for s in b.slots]
+    assert (a.calib_ppl, a.probes, a.layer_forwards, a.sublayer_forwards) == \
+        (b.calib_ppl, b.probes, b.layer_forwards, b.sublayer_forwards)
+    sa, sb = (json.loads((d / "state.json").read_text()) for d in (dir_a, dir_b))
+    assert without_seconds(sa) == without_seconds(sb)
+
+
+@pytest.mark.parametrize("config", [GBSConfig("fast", iterations=3), GBSConfig("fast", iterations=3, horizon=3),
+                                    GBSConfig("fast", "ppl", iterations=2), GBSConfig("exact", iterations=2)],
+                         ids=["fast-h1", "fast-h3", "fast-ppl", "exact"])
+def test_streamed_search_equals_in_memory(saved, tmp_path, config):
+    mem = search(saved, config, tmp_path / "mem", streamed=False)
+    per_slot = 1 + config.iterations
+
+    def check(sm, n):
+        # while a probe runs, only the layers it needs stay loaded (exact / ppl: read per probe, freed)
+        layer = [i for i in range(LAYERS) for _ in SLOTS][(n - 1) // per_slot]
+        expect = {"fast-h1": [layer], "fast-h3": list(range(layer, min(layer + 3, LAYERS))),
+                  "fast-ppl": [layer], "exact": []}
+        key = "exact" if config.mode == "exact" else ("fast-ppl" if config.objective == "ppl" else
+                                                      f"fast-h{config.horizon}")
+        assert loaded_layers(sm) == expect[key], (n, layer)
+
+    disk = search(saved, config, tmp_path / "disk", streamed=True, check=check)
+    assert len(mem.slots) == LAYERS * len(SLOTS) and any(s.ratio != 0.5 for s in mem.slots)
+    assert_same(mem, disk, tmp_path / "mem", tmp_path / "disk")
+
+
+@pytest.mark.parametrize("config,stops", [
+    (GBSConfig("fast", iterations=3, horizon=3), [("saved", 45), ("evaluated", 90)]),  # layer 1 mid-slot, layer 2
+    (GBSConfig("exact", iterations=2), [("evaluated", 26)]),  # layer 1, before that probe's state was saved
+], ids=["fast-h3", "exact"])
+def test_stopped_streamed_search_resumes_to_the_same_ratios(saved, tmp_path, config, stops):
+    full = search(saved, config, tmp_path / "mem", streamed=False)
+    out = tmp_path / "disk"
+    for stop in stops:
+        with pytest.raises(Stop):
+            search(saved, config, out, streamed=True, stop=stop)
+        assert not (out / "ratios.json").exists()
+        assert json.loads((out / "state.json").read_text())["current"] is not None
+    resumed = search(saved, config, out, streamed=True)
+    assert (out / "ratios.json").read_bytes() == (tmp_path / "mem" / "ratios.json").read_bytes()
+    assert [without_seconds(s.to_dict()) for s in resumed.slots] == [without_seconds(s.to_dict()) for s in full.slots]
