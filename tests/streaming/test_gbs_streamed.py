@@ -17,18 +17,31 @@ from spikequant.streaming import StreamedModel, open_saved, quantize_streamed
 from .test_streamed import WINDOWS, checkpoint
 
 SEARCH = torch.randint(0, 96, (3, 24), generator=torch.Generator().manual_seed(0))
-LAYERS = 4
+# Fast mode (layer objective) on 4 layers, so that horizon 3 is cut by the model's end only for the last
+# two; exact mode and the ppl objective, which read every later layer from disk per probe (~0.25 s per
+# layer here, mostly the release's garbage collection), on 2 layers with the search on the first.
+FAST = {"fast-h1": GBSConfig("fast", iterations=3), "fast-h3": GBSConfig("fast", iterations=3, horizon=3)}
+SLOW = {"fast-ppl": GBSConfig("fast", "ppl", iterations=2), "exact": GBSConfig("exact", iterations=2, layers=1)}
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def _saved(tmp_path_factory, layers):
     """quarot-rtn-w4a4kv4 (R1–R4, online o_proj Hadamard, RTN W4, A4 per token, KV4) of a tiny random Llama,
     written streamed (one shard per layer), as `spikequant quantize --offload disk` does."""
-    tmp = tmp_path_factory.mktemp("gbs-streamed")
-    path = checkpoint(tmp, layers=LAYERS)
+    tmp = tmp_path_factory.mktemp(f"gbs-streamed-{layers}")
+    path = checkpoint(tmp, layers=layers)
     sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
     quantize_streamed(sm, load_recipe("quarot-rtn-w4a4kv4"), WINDOWS, tmp / "q", str(path), progress=False)
     return tmp / "q"
+
+
+@pytest.fixture(scope="module")
+def saved4(tmp_path_factory):
+    return _saved(tmp_path_factory, 4)
+
+
+@pytest.fixture(scope="module")
+def saved2(tmp_path_factory):
+    return _saved(tmp_path_factory, 2)
 
 
 class Stop(Exception):
@@ -79,32 +92,33 @@ def assert_same(a, b, dir_a, dir_b):
     assert without_seconds(sa) == without_seconds(sb)
 
 
-@pytest.mark.parametrize("config", [GBSConfig("fast", iterations=3), GBSConfig("fast", iterations=3, horizon=3),
-                                    GBSConfig("fast", "ppl", iterations=2), GBSConfig("exact", iterations=2)],
-                         ids=["fast-h1", "fast-h3", "fast-ppl", "exact"])
-def test_streamed_search_equals_in_memory(saved, tmp_path, config):
+@pytest.mark.parametrize("name", [*FAST, *SLOW])
+def test_streamed_search_equals_in_memory(saved4, saved2, tmp_path, name):
+    config = FAST.get(name) or SLOW[name]
+    saved, layers = (saved4, 4) if name in FAST else (saved2, 2)
     mem = search(saved, config, tmp_path / "mem", streamed=False)
     per_slot = 1 + config.iterations
 
     def check(sm, n):
-        # while a probe runs, only the layers it needs stay loaded (exact / ppl: read per probe, freed)
-        layer = [i for i in range(LAYERS) for _ in SLOTS][(n - 1) // per_slot]
-        expect = {"fast-h1": [layer], "fast-h3": list(range(layer, min(layer + 3, LAYERS))),
-                  "fast-ppl": [layer], "exact": []}
-        key = "exact" if config.mode == "exact" else ("fast-ppl" if config.objective == "ppl" else
-                                                      f"fast-h{config.horizon}")
-        assert loaded_layers(sm) == expect[key], (n, layer)
+        # while a probe runs, only the layers it needs stay loaded (exact / ppl: the later layers are read
+        # per probe and freed)
+        layer = [i for i in range(layers) for _ in SLOTS][(n - 1) // per_slot]
+        expect = {"fast-h1": [layer], "fast-h3": list(range(layer, min(layer + 3, layers))),
+                  "fast-ppl": [layer], "exact": []}[name]
+        assert loaded_layers(sm) == expect, (n, layer)
 
     disk = search(saved, config, tmp_path / "disk", streamed=True, check=check)
-    assert len(mem.slots) == LAYERS * len(SLOTS) and any(s.ratio != 0.5 for s in mem.slots)
+    assert len(mem.slots) == (config.layers or layers) * len(SLOTS) and any(s.ratio != 0.5 for s in mem.slots)
     assert_same(mem, disk, tmp_path / "mem", tmp_path / "disk")
 
 
-@pytest.mark.parametrize("config,stops", [
-    (GBSConfig("fast", iterations=3, horizon=3), [("saved", 45), ("evaluated", 90)]),  # layer 1 mid-slot, layer 2
-    (GBSConfig("exact", iterations=2), [("evaluated", 26)]),  # layer 1, before that probe's state was saved
-], ids=["fast-h3", "exact"])
-def test_stopped_streamed_search_resumes_to_the_same_ratios(saved, tmp_path, config, stops):
+@pytest.mark.parametrize("name,stops", [
+    ("fast-h3", [("saved", 45), ("evaluated", 90)]),  # layer 1 mid-slot, then layer 2 before a save
+    ("exact", [("evaluated", 11)]),  # the 4th slot's second probe, before its state was saved
+])
+def test_stopped_streamed_search_resumes_to_the_same_ratios(saved4, saved2, tmp_path, name, stops):
+    config = FAST.get(name) or SLOW[name]
+    saved = saved4 if name in FAST else saved2
     full = search(saved, config, tmp_path / "mem", streamed=False)
     out = tmp_path / "disk"
     for stop in stops:
