@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from spikequant.algorithms.clip_ratios import save_ratio_file
+from spikequant.algorithms.clip_ratios import clip_ratios, load_ratio_file, save_ratio_file
 from spikequant.algorithms.gbs import SLOTS, GBSConfig, gbs_search
 from spikequant.export import load_quantized
 from spikequant.recipes import load_recipe
@@ -129,3 +129,57 @@ def test_stopped_streamed_search_resumes_to_the_same_ratios(saved4, saved2, tmp_
     resumed = search(saved, config, out, streamed=True)
     assert (out / "ratios.json").read_bytes() == (tmp_path / "mem" / "ratios.json").read_bytes()
     assert [without_seconds(s.to_dict()) for s in resumed.slots] == [without_seconds(s.to_dict()) for s in full.slots]
+
+
+def test_search_cli_streamed_matches_in_memory_and_saves_streamed(tmp_path, capsys):
+    """`spikequant search --offload disk` on a saved folder: the ratios.json bytes, per-slot results and test
+    metrics of `--offload none`, and a `--save` folder (layer shards) holding what the in-memory save holds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from spikequant.cli import main
+    from spikequant.models.tiny import tiny_model
+
+    from .test_streamed import assert_same_dirs
+
+    ckpt = tmp_path / "ckpt"
+    tiny_model("llama", seed=7, num_hidden_layers=3).save_pretrained(ckpt)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(ckpt)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{int(i)}" for i in torch.randint(0, 96, (200,), generator=torch.Generator()
+                                                                  .manual_seed(3))))
+    sm = StreamedModel(str(ckpt), device="cpu")
+    quantize_streamed(sm, load_recipe("quarot-rtn-w4a4kv4"), WINDOWS, tmp_path / "q", str(ckpt), progress=False)
+    common = ["search", "--model", str(tmp_path / "q"), "--dataset", str(text), "--calib-windows", "2", "--seqlen",
+              "16", "--iterations", "2", "--horizon", "2", "--eval-windows", "2", "--eval-seqlen", "16",
+              "--no-progress"]
+    reports = {}
+    for offload in ("none", "disk"):
+        assert main([*common, "--offload", offload, "--output", str(tmp_path / offload),
+                     "--save", str(tmp_path / f"q-{offload}")]) == 0
+        reports[offload] = json.loads((tmp_path / offload / "report.json").read_text())
+    assert (tmp_path / "none" / "ratios.json").read_bytes() == (tmp_path / "disk" / "ratios.json").read_bytes()
+    a, b = (reports[k] for k in ("none", "disk"))
+    assert (a["offload"], b["offload"]) == ("none", "disk")
+    assert without_seconds(a["result"]["slots"]) == without_seconds(b["result"]["slots"])
+    assert a["result"]["calib_ppl"] == b["result"]["calib_ppl"]
+    assert a["result"]["extra"] == b["result"]["extra"]
+    for k in ("clip1", "gbs"):
+        assert [a["test"][k][m] for m in ("ppl", "kl", "top1")] == [b["test"][k][m] for m in ("ppl", "kl", "top1")]
+    assert a["test"]["gbs"]["ppl"] != a["test"]["clip1"]["ppl"]  # the searched ratios changed the evaluated model
+    assert sorted(p.name for p in (tmp_path / "q-disk").glob("model-layer-*.safetensors")) == \
+        [f"model-layer-{i:05d}.safetensors" for i in range(3)]
+    assert_same_dirs(tmp_path / "q-none", tmp_path / "q-disk")
+    _, qd, _ = open_saved(tmp_path / "q-disk", device="cpu")  # the saved quantizers carry the searched ratios
+    got, want = clip_ratios(qd), load_ratio_file(tmp_path / "disk" / "ratios.json")
+    assert want and all(got[i][k] == r for i, e in want.items() for k, r in e.items())
+    capsys.readouterr()
+    # refused with one line before anything is written: a recipe to quantize first, --save over the source
+    assert main(["search", "--model", str(ckpt), "--recipe", "quarot-rtn-w4a4kv4", "--dataset", str(text),
+                 "--offload", "disk", "--output", str(tmp_path / "r1")]) == 2
+    assert "runs on a saved model" in capsys.readouterr().err
+    assert main([*common, "--offload", "disk", "--output", str(tmp_path / "r2"), "--save", str(tmp_path / "q")]) == 2
+    assert "reads its layers from that folder" in capsys.readouterr().err
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
