@@ -21,16 +21,17 @@ SEARCH = torch.randint(0, 96, (3, 24), generator=torch.Generator().manual_seed(0
 # two; exact mode and the ppl objective, which read every later layer from disk per probe (~0.25 s per
 # layer here, mostly the release's garbage collection), on 2 layers with the search on the first.
 FAST = {"fast-h1": GBSConfig("fast", iterations=3), "fast-h3": GBSConfig("fast", iterations=3, horizon=3)}
+STATIC = {"fast-static": GBSConfig("fast", iterations=3, horizon=2)}
 SLOW = {"fast-ppl": GBSConfig("fast", "ppl", iterations=2), "exact": GBSConfig("exact", iterations=2, layers=1)}
 
 
-def _saved(tmp_path_factory, layers):
+def _saved(tmp_path_factory, layers, recipe="quarot-rtn-w4a4kv4"):
     """quarot-rtn-w4a4kv4 (R1–R4, online o_proj Hadamard, RTN W4, A4 per token, KV4) of a tiny random Llama,
     written streamed (one shard per layer), as `spikequant quantize --offload disk` does."""
     tmp = tmp_path_factory.mktemp(f"gbs-streamed-{layers}")
     path = checkpoint(tmp, layers=layers)
     sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
-    quantize_streamed(sm, load_recipe("quarot-rtn-w4a4kv4"), WINDOWS, tmp / "q", str(path), progress=False)
+    quantize_streamed(sm, load_recipe(recipe), WINDOWS, tmp / "q", str(path), progress=False)
     return tmp / "q"
 
 
@@ -42,6 +43,13 @@ def saved4(tmp_path_factory):
 @pytest.fixture(scope="module")
 def saved2(tmp_path_factory):
     return _saved(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def saved_static(tmp_path_factory):
+    """w8a8-tensor-static: a searched ratio recomputes a frozen scale from its observed range, on the
+    skeleton's quantizers, which loading and freeing a layer must leave alone."""
+    return _saved(tmp_path_factory, 3, "w8a8-tensor-static")
 
 
 class Stop(Exception):
@@ -92,23 +100,24 @@ def assert_same(a, b, dir_a, dir_b):
     assert without_seconds(sa) == without_seconds(sb)
 
 
-@pytest.mark.parametrize("name", [*FAST, *SLOW])
-def test_streamed_search_equals_in_memory(saved4, saved2, tmp_path, name):
-    config = FAST.get(name) or SLOW[name]
-    saved, layers = (saved4, 4) if name in FAST else (saved2, 2)
+@pytest.mark.parametrize("name", [*FAST, *STATIC, *SLOW])
+def test_streamed_search_equals_in_memory(saved4, saved2, saved_static, tmp_path, name):
+    config = FAST.get(name) or STATIC.get(name) or SLOW[name]
+    saved, layers = (saved4, 4) if name in FAST else (saved_static, 3) if name in STATIC else (saved2, 2)
     mem = search(saved, config, tmp_path / "mem", streamed=False)
     per_slot = 1 + config.iterations
+    slots = [k for k in SLOTS if k != "k_cache"] if name in STATIC else SLOTS
 
     def check(sm, n):
         # while a probe runs, only the layers it needs stay loaded (exact / ppl: the later layers are read
         # per probe and freed)
-        layer = [i for i in range(layers) for _ in SLOTS][(n - 1) // per_slot]
+        layer = [i for i in range(layers) for _ in slots][(n - 1) // per_slot]
         expect = {"fast-h1": [layer], "fast-h3": list(range(layer, min(layer + 3, layers))),
-                  "fast-ppl": [layer], "exact": []}[name]
+                  "fast-static": list(range(layer, min(layer + 2, layers))), "fast-ppl": [layer], "exact": []}[name]
         assert loaded_layers(sm) == expect, (n, layer)
 
     disk = search(saved, config, tmp_path / "disk", streamed=True, check=check)
-    assert len(mem.slots) == (config.layers or layers) * len(SLOTS) and any(s.ratio != 0.5 for s in mem.slots)
+    assert len(mem.slots) == (config.layers or layers) * len(slots) and any(s.ratio != 0.5 for s in mem.slots)
     assert_same(mem, disk, tmp_path / "mem", tmp_path / "disk")
 
 
@@ -131,16 +140,14 @@ def test_stopped_streamed_search_resumes_to_the_same_ratios(saved4, saved2, tmp_
     assert [without_seconds(s.to_dict()) for s in resumed.slots] == [without_seconds(s.to_dict()) for s in full.slots]
 
 
-def test_search_cli_streamed_matches_in_memory_and_saves_streamed(tmp_path, capsys):
-    """`spikequant search --offload disk` on a saved folder: the ratios.json bytes, per-slot results and test
-    metrics of `--offload none`, and a `--save` folder (layer shards) holding what the in-memory save holds."""
+@pytest.fixture
+def cli_folder(tmp_path):
+    """A tiny random Llama with a whitespace word-level tokenizer, a text file of its words, and the model
+    quantized by quarot-rtn-w4a4kv4 into a streamed folder: (checkpoint, text, folder)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from spikequant.cli import main
     from spikequant.models.tiny import tiny_model
-
-    from .test_streamed import assert_same_dirs
 
     ckpt = tmp_path / "ckpt"
     tiny_model("llama", seed=7, num_hidden_layers=3).save_pretrained(ckpt)
@@ -152,9 +159,23 @@ def test_search_cli_streamed_matches_in_memory_and_saves_streamed(tmp_path, caps
                                                                   .manual_seed(3))))
     sm = StreamedModel(str(ckpt), device="cpu")
     quantize_streamed(sm, load_recipe("quarot-rtn-w4a4kv4"), WINDOWS, tmp_path / "q", str(ckpt), progress=False)
-    common = ["search", "--model", str(tmp_path / "q"), "--dataset", str(text), "--calib-windows", "2", "--seqlen",
-              "16", "--iterations", "2", "--horizon", "2", "--eval-windows", "2", "--eval-seqlen", "16",
-              "--no-progress"]
+    return ckpt, text, tmp_path / "q"
+
+
+def _search_args(folder, text):
+    return ["search", "--model", str(folder), "--dataset", str(text), "--calib-windows", "2", "--seqlen", "16",
+            "--iterations", "2", "--horizon", "2", "--no-progress"]
+
+
+def test_search_cli_streamed_matches_in_memory_and_saves_streamed(tmp_path, cli_folder, capsys):
+    """`spikequant search --offload disk` on a saved folder: the ratios.json bytes, per-slot results and test
+    metrics of `--offload none`, and a `--save` folder (layer shards) holding what the in-memory save holds."""
+    from spikequant.cli import main
+
+    from .test_streamed import assert_same_dirs
+
+    ckpt, text, folder = cli_folder
+    common = [*_search_args(folder, text), "--eval-windows", "2", "--eval-seqlen", "16"]
     reports = {}
     for offload in ("none", "disk"):
         assert main([*common, "--offload", offload, "--output", str(tmp_path / offload),
@@ -180,6 +201,26 @@ def test_search_cli_streamed_matches_in_memory_and_saves_streamed(tmp_path, caps
     assert main(["search", "--model", str(ckpt), "--recipe", "quarot-rtn-w4a4kv4", "--dataset", str(text),
                  "--offload", "disk", "--output", str(tmp_path / "r1")]) == 2
     assert "runs on a saved model" in capsys.readouterr().err
-    assert main([*common, "--offload", "disk", "--output", str(tmp_path / "r2"), "--save", str(tmp_path / "q")]) == 2
+    assert main([*common, "--offload", "disk", "--output", str(tmp_path / "r2"), "--save", str(folder)]) == 2
     assert "reads its layers from that folder" in capsys.readouterr().err
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_search_offload_auto_streams_a_folder_that_does_not_fit(tmp_path, cli_folder, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import spikequant.streaming.offload as offload
+    from spikequant.cli import main
+
+    ckpt, text, folder = cli_folder
+    assert main([*_search_args(folder, text), "--output", str(tmp_path / "fits")]) == 0
+    monkeypatch.setattr(offload.psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    assert main([*_search_args(folder, text), "--output", str(tmp_path / "small")]) == 0
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("fits", "small")]
+    assert [r["offload"] for r in reports] == ["none", "disk"]
+    assert (tmp_path / "fits" / "ratios.json").read_bytes() == (tmp_path / "small" / "ratios.json").read_bytes()
+    # a recipe to quantize first: auto does not quantize streamed inside a search, it says how
+    capsys.readouterr()
+    assert main(["search", "--model", str(ckpt), "--recipe", "quarot-rtn-w4a4kv4", "--dataset", str(text),
+                 "--output", str(tmp_path / "r")]) == 2
+    assert "runs on a saved model" in capsys.readouterr().err
