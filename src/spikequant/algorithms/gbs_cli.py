@@ -63,7 +63,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if streamed and not saved:
         raise SpikequantError(f"a streamed search (--offload {args.offload}) runs on a saved model: run `spikequant "
                               f"quantize --model {args.model} --recipe {args.recipe} --output DIR` first (it streams "
-                              "too), then search --model DIR")
+                              "too), then search --model DIR; or --offload none to load the model whole")
     if streamed and args.save and Path(args.save).resolve() == Path(args.model).resolve():
         raise SpikequantError(f"--save {args.save}: a streamed search reads its layers from that folder; save "
                               "to another one")
