@@ -10,7 +10,9 @@ import torch
 
 from spikequant.algorithms.clip_ratios import clip_ratios, load_ratio_file, save_ratio_file
 from spikequant.algorithms.gbs import SLOTS, GBSConfig, gbs_search
-from spikequant.export import load_quantized
+from spikequant.export import load_quantized, save_quantized
+from spikequant.models import load_model
+from spikequant.pipeline import quantize
 from spikequant.recipes import load_recipe
 from spikequant.streaming import StreamedModel, open_saved, quantize_streamed
 
@@ -25,13 +27,19 @@ STATIC = {"fast-static": GBSConfig("fast", iterations=3, horizon=2)}
 SLOW = {"fast-ppl": GBSConfig("fast", "ppl", iterations=2), "exact": GBSConfig("exact", iterations=2, layers=1)}
 
 
-def _saved(tmp_path_factory, layers, recipe="quarot-rtn-w4a4kv4"):
+def _saved(tmp_path_factory, layers, recipe="quarot-rtn-w4a4kv4", streamed=True):
     """quarot-rtn-w4a4kv4 (R1–R4, online o_proj Hadamard, RTN W4, A4 per token, KV4) of a tiny random Llama,
-    written streamed (one shard per layer), as `spikequant quantize --offload disk` does."""
+    written streamed (one shard per layer), as `spikequant quantize --offload disk` does, or in memory (one
+    model.safetensors)."""
     tmp = tmp_path_factory.mktemp(f"gbs-streamed-{layers}")
     path = checkpoint(tmp, layers=layers)
-    sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
-    quantize_streamed(sm, load_recipe(recipe), WINDOWS, tmp / "q", str(path), progress=False)
+    if streamed:
+        sm = StreamedModel(str(path), device="cpu", attn_implementation="eager")
+        quantize_streamed(sm, load_recipe(recipe), WINDOWS, tmp / "q", str(path), progress=False)
+    else:
+        lm = load_model(str(path), device="cpu", attn_implementation="eager")
+        qm, findings = quantize(lm.model, load_recipe(recipe), WINDOWS, progress=False)
+        save_quantized(qm, lm.tokenizer, load_recipe(recipe), str(path), tmp / "q", findings)
     return tmp / "q"
 
 
@@ -47,9 +55,12 @@ def saved2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def saved_static(tmp_path_factory):
-    """w8a8-tensor-static: a searched ratio recomputes a frozen scale from its observed range, on the
-    skeleton's quantizers, which loading and freeing a layer must leave alone."""
-    return _saved(tmp_path_factory, 3, "w8a8-tensor-static")
+    """w8a8-tensor-static, saved in memory (one model.safetensors): a searched ratio recomputes a frozen
+    scale from its observed range, on the skeleton's quantizers, which loading and freeing a layer must
+    leave alone."""
+    folder = _saved(tmp_path_factory, 3, "w8a8-tensor-static", streamed=False)
+    assert (folder / "model.safetensors").is_file()
+    return folder
 
 
 class Stop(Exception):
