@@ -26,6 +26,11 @@ Two modes share that search space and accept rule:
 
 The state is written atomically after every probe (:func:`gbs_search` ``state_path``); a run killed at
 any point resumes to the same ratios.
+
+A streamed model (``spikequant.streaming``: decoder layers without tensors until loaded) is searched by the
+same code: every layer forward goes through the runner's :func:`~spikequant.models.runner.loaded_layer`
+(a no-op in memory), fast mode holds the layers a probe runs while their layer is searched, and the
+whole-model perplexity runs one layer at a time (:func:`calibration_ppl`).
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,7 +55,15 @@ from spikequant.algorithms.base import Modifier, QuantContext, register, require
 from spikequant.algorithms.clip_ratios import QUANTIZER_KEYS, Ratios, activation_quantizers, set_clip_ratio
 from spikequant.errors import RecipeError, SpikequantError
 from spikequant.models import ArchSpec, decoder_layers, get_arch
-from spikequant.models.runner import capture_inputs, layer_output, stopped, stopping_at
+from spikequant.models.runner import (
+    capture_inputs,
+    layer_output,
+    layer_source,
+    loaded_layer,
+    run_layers,
+    stopped,
+    stopping_at,
+)
 from spikequant.quant import ActivationQuantizer, QuantizedModel
 from spikequant.transforms import installed_attention_transforms
 
@@ -223,7 +236,16 @@ def _nll_of_hidden(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
 @torch.no_grad()
 def calibration_ppl(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Perplexity of the whole model over ``windows`` (N, seqlen), each window alone, NLL averaged over
-    every predicted token: the paper's objective."""
+    every predicted token: the paper's objective. A streamed model runs the same batches one decoder
+    layer at a time (the runner loads and frees each layer), then the final norm and lm_head: the
+    activations of a full forward, bit for bit."""
+    if layer_source(model) is not None:
+        batches = _batches(windows, batch_size)
+        outs = run_layers(model, windows, batch_size=batch_size, progress=False)
+        nll = 0.0
+        for (h, _), batch in zip(outs, batches, strict=True):
+            nll += _nll_of_hidden(model, h, batch)
+        return math.exp(nll / sum(b[:, 1:].numel() for b in batches))
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for batch in _batches(windows, batch_size):
@@ -286,6 +308,8 @@ class _Search:
         self.arch = get_arch(self.model)
         self.seconds = 0.0
         self._cache: dict[str, Any] = {}
+        self.source = layer_source(self.model)  # None in memory
+        self._held: set[int] = set()
 
     # state --------------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -320,6 +344,35 @@ class _Search:
             q.enabled = True
         set_clip_ratio(self.qm, layer, key, ratio, self.index)
 
+    # streamed layers --------------------------------------------------------------------------------
+    def probe_layers(self, layer: int) -> range:
+        """The decoder layers every probe of ``layer`` runs, held loaded while it is searched (streamed):
+        fast mode's layer objective, l .. l+horizon-1; its ppl objective, l (the rest are read per probe,
+        as exact mode reads every layer)."""
+        if self.config.mode == "exact":
+            return range(0)
+        if self.config.resolved_objective == "ppl":
+            return range(layer, layer + 1)
+        return range(layer, min(layer + self.config.horizon, len(self.layers)))
+
+    def hold(self, layers: Iterable[int]) -> None:
+        """Keep exactly ``layers`` loaded: the ones the search has moved past are freed."""
+        if self.source is None:
+            return
+        wanted = set(layers)
+        for j in sorted(self._held - wanted):
+            self.source.unhold(j)
+        for j in sorted(wanted - self._held):
+            self.source.hold(j)
+        self._held = wanted
+
+    @contextmanager
+    def loaded(self, layers: Iterable[int]) -> Iterator[None]:
+        with ExitStack() as stack:
+            for j in layers:
+                stack.enter_context(loaded_layer(self.model, j))
+            yield
+
     # objectives ---------------------------------------------------------------------------------------
     def layer_inputs(self, layer: int, stream: str) -> list[tuple[torch.Tensor, dict]]:
         """The (hidden, kwargs) batches entering ``layer`` in the current state (``stream`` "q") or with
@@ -343,10 +396,11 @@ class _Search:
 
     def run_layer(self, j: int, hs: list[tuple[torch.Tensor, dict]], stream: str):
         self.layer_forwards += len(self.windows)
-        if stream == "ref":
-            with _float_activations(self.qm):
-                return [(_run_layer(self.layers[j], h, kw), kw) for h, kw in hs]
-        return [(_run_layer(self.layers[j], h, kw), kw) for h, kw in hs]
+        with loaded_layer(self.model, j):
+            if stream == "ref":
+                with _float_activations(self.qm):
+                    return [(_run_layer(self.layers[j], h, kw), kw) for h, kw in hs]
+            return [(_run_layer(self.layers[j], h, kw), kw) for h, kw in hs]
 
     @torch.no_grad()
     def objective(self, layer: int, key: str) -> float:
@@ -356,16 +410,26 @@ class _Search:
             return calibration_ppl(self.model, self.windows, self.config.batch_size)
         hs = self.layer_inputs(layer, "q")
         if obj == "ppl":
+            # layer by layer over all batches (each batch's operations are those of a batch-by-batch loop),
+            # so a streamed model reads each layer once per probe
+            ys = [h for h, _ in hs]
+            for j in range(layer, len(self.layers)):
+                with loaded_layer(self.model, j):
+                    ys = [_run_layer(self.layers[j], y, kw) for y, (_, kw) in zip(ys, hs, strict=True)]
             nll, count = 0.0, 0
-            for (h, kw), batch in zip(hs, self.batches, strict=True):
-                for j in range(layer, len(self.layers)):
-                    h = _run_layer(self.layers[j], h, kw)
-                nll += _nll_of_hidden(self.model, h, batch)
+            for y, batch in zip(ys, self.batches, strict=True):
+                nll += _nll_of_hidden(self.model, y, batch)
                 count += batch[:, 1:].numel()
             self.layer_forwards += len(self.windows) * (len(self.layers) - layer)
             return math.exp(nll / count)
-        # objective "layer": the searched slot's own block (attention or MLP) of layer l, against the same
-        # block in the reference stream; blocks before it come from the cache.
+        last = min(layer + self.config.horizon, len(self.layers)) - 1
+        with self.loaded(range(layer, last + 1)):
+            return self.block_error(layer, key, hs, last)
+
+    def block_error(self, layer: int, key: str, hs: list[tuple[torch.Tensor, dict]], last: int) -> float:
+        """Objective "layer": the searched slot's own block (attention or MLP) of layer l, against the same
+        block in the reference stream (blocks before it come from the cache); with a horizon, the output
+        of layer ``last`` instead."""
         arch, mod = self.arch, self.layers[layer]
         part = "attention" if key in ATTENTION_SLOTS else "mlp"
         if ("ref_" + part, layer) not in self._cache:
@@ -384,7 +448,6 @@ class _Search:
             ys = [_mlp_part(arch, mod, r) for r in self._cache[("q_mid", layer)]]
         self.sublayer_forwards[part] += len(self.windows)
         target = self._cache[("ref_" + part, layer)]
-        last = min(layer + self.config.horizon, len(self.layers)) - 1
         if last > layer:  # horizon: finish layer l, then the next layers (in the current state) as well
             kws = [kw for _, kw in hs]
             if ("ref_h", layer) not in self._cache:
@@ -493,6 +556,7 @@ class _Search:
                     st = {"layer": layer, "key": key, "a": 0.0, "b": 1.0, "m": 0.5, "fm": None, "iteration": 0,
                           "probes": [], "seconds": 0.0}
                 current = None
+                self.hold(self.probe_layers(layer))
                 done.append(self.search_slot(n, st, done, bar, t0, seconds0))
                 nxt = self.plan[n + 1][0] if n + 1 < len(self.plan) else None
                 if nxt != layer:
@@ -501,6 +565,7 @@ class _Search:
                 self.save_state(done, None)
         finally:
             bar.close()
+            self.hold(())
         self._cache.clear()
         calib = calibration_ppl(self.model, self.windows, cfg.batch_size)
         ratios: Ratios = {}

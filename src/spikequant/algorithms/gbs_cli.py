@@ -1,7 +1,9 @@
 """``spikequant search``: Gradual Binary Search of clip ratios on a model quantized by a recipe.
 
 Writes ``ratios.json`` (loadable by the ``clip_ratios`` modifier), ``report.json`` / ``report.md``,
-``heatmap.png`` and ``state.json`` (the resumable search state, rewritten after every probe).
+``heatmap.png`` and ``state.json`` (the resumable search state, rewritten after every probe). A folder
+written by ``spikequant quantize`` is searched streamed (``--offload disk``, or ``auto`` when it does not
+fit): its decoder layers are read from the shards when a probe needs them (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from spikequant.pipeline import quantize
     from spikequant.recipes import load_recipe
     from spikequant.reports import environment, write_json, write_text
+    from spikequant.streaming.offload import should_stream
 
     out = Path(args.output)
     state = out / "state.json"
@@ -55,10 +58,29 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise SpikequantError(f"{args.model} is a saved quantized model; it carries its recipe, drop --recipe")
     if not saved and not args.recipe:
         raise SpikequantError("--recipe is required (or pass a directory written by `spikequant quantize`)")
+    # In memory the search holds the quantized model, and with --eval-windows the FP reference beside it.
+    streamed = should_stream(args.offload, args.model, args.dtype, "eval" if args.eval_windows else "quantize")
+    if streamed and not saved:
+        raise SpikequantError(f"a streamed search (--offload {args.offload}) runs on a saved model: run `spikequant "
+                              f"quantize --model {args.model} --recipe {args.recipe} --output DIR` first (it streams "
+                              "too), then search --model DIR; or --offload none to load the model whole")
+    if streamed and args.save and Path(args.save).resolve() == Path(args.model).resolve():
+        raise SpikequantError(f"--save {args.save}: a streamed search reads its layers from that folder; save "
+                              "to another one")
     gtext = load_text(args.dataset, args.calib_split, args.data_dir)  # data first: a bad path fails fast
     progress = not args.no_progress
     t = time.perf_counter()
-    if saved:
+    sm = None
+    if streamed:
+        from spikequant.export.saving import MANIFEST
+        from spikequant.recipes import Recipe
+        from spikequant.streaming import open_saved
+
+        sm, qm, manifest = open_saved(args.model, args.dtype, args.device)
+        recipe = Recipe.from_dict(manifest["recipe"], str(Path(args.model) / MANIFEST))
+        base_model, findings = manifest["base_model"], manifest.get("findings", {})
+        model, tokenizer = sm.model, sm.tokenizer
+    elif saved:
         loaded, qm, recipe, manifest = load_quantized(args.model, args.dtype, args.device)
         base_model, findings = manifest["base_model"], manifest.get("findings", {})
     else:
@@ -69,7 +91,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise SpikequantError(f"recipe {recipe.name!r} quantizes nothing; there is no clip ratio to search")
         base_model = args.model
         loaded = load_model(args.model, args.dtype, args.device)
-    windows = eval_windows(tokenize(loaded.tokenizer, gtext), args.seqlen, args.calib_windows)
+    if sm is None:
+        model, tokenizer = loaded.model, loaded.tokenizer
+    windows = eval_windows(tokenize(tokenizer, gtext), args.seqlen, args.calib_windows)
     if len(windows) < args.calib_windows:
         raise DataError(f"{gtext.name} holds only {len(windows)} windows of {args.seqlen} tokens, "
                         f"fewer than --calib-windows {args.calib_windows}")
@@ -77,11 +101,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     def recipe_calibration():
         c = recipe.calibration
         text = load_text(c.dataset, c.split, args.data_dir)
-        return calibration_windows(tokenize(loaded.tokenizer, text), c.seqlen, c.num_samples, recipe.seed)
+        return calibration_windows(tokenize(tokenizer, text), c.seqlen, c.num_samples, recipe.seed)
 
+    base_sm = None
+    if streamed and args.eval_windows:  # the FP reference streamed as well (a local checkpoint; checked now)
+        from spikequant.streaming import StreamedModel
+
+        base_sm = StreamedModel(base_model, args.dtype, args.device)
     out.mkdir(parents=True, exist_ok=True)
     if not saved:
-        qm, findings = quantize(loaded.model, recipe, recipe_calibration, progress)
+        qm, findings = quantize(model, recipe, recipe_calibration, progress)
     quantize_s = time.perf_counter() - t
     # All in inference mode, as the evaluations are: buffers a transform caches during one of them are
     # inference tensors, which may not be written outside inference mode afterwards.
@@ -89,23 +118,42 @@ def cmd_search(args: argparse.Namespace) -> int:
         test, reference = None, None
         if args.eval_windows:
             ttext = load_text(args.dataset, "test", args.data_dir)
-            test = eval_windows(tokenize(loaded.tokenizer, ttext), args.eval_seqlen, args.eval_windows)
-            reference = reference_logprobs(load_model(base_model, args.dtype, args.device).model, test, progress)
+            test = eval_windows(tokenize(tokenizer, ttext), args.eval_seqlen, args.eval_windows)
+            if base_sm is not None:
+                from spikequant.streaming import logprobs_streamed
+
+                reference = logprobs_streamed(base_sm, test, progress)
+                base_sm = None
+            else:
+                reference = reference_logprobs(load_model(base_model, args.dtype, args.device).model, test, progress)
+
+        def run_eval(desc: str) -> dict:
+            if sm is not None:
+                from spikequant.streaming import evaluate_streamed
+
+                return evaluate_streamed(sm, test, reference, progress, desc).to_dict()
+            return evaluate(model, test, reference, progress, desc).to_dict()
+
         evals = {}
         if test is not None and not args.resume:  # a resumed run reads the clip-1.0 row from the first run
-            evals["clip1"] = evaluate(loaded.model, test, reference, progress, "eval clip 1.0").to_dict()
+            evals["clip1"] = run_eval("eval clip 1.0")
             write_json({"test": evals}, out / "eval_clip1.json")
         elif test is not None and (out / "eval_clip1.json").is_file():
             evals["clip1"] = json.loads((out / "eval_clip1.json").read_text())["test"]["clip1"]
-        clip1 = calibration_ppl(loaded.model, windows, args.batch_size)
+        clip1 = calibration_ppl(model, windows, args.batch_size)
         res = gbs_search(qm, windows, config, state_path=state, progress=progress)
         if test is not None:
-            evals["gbs"] = evaluate(loaded.model, test, reference, progress, "eval GBS").to_dict()
+            evals["gbs"] = run_eval("eval GBS")
             evals["windows"], evals["seqlen"], evals["text_sha256"] = len(test), args.eval_seqlen, ttext.sha256
     if args.save:
-        save_quantized(qm, loaded.tokenizer, recipe, base_model, args.save,
-                       {**findings, "gbs": {"ratios": {str(i): e for i, e in res.ratios.items()}}})
-    n_layers = len(decoder_layers(loaded.model))
+        gbs_findings = {**findings, "gbs": {"ratios": {str(i): e for i, e in res.ratios.items()}}}
+        if sm is not None:
+            from spikequant.streaming import save_streamed
+
+            save_streamed(sm, qm, recipe, base_model, args.save, gbs_findings, progress)
+        else:
+            save_quantized(qm, tokenizer, recipe, base_model, args.save, gbs_findings)
+    n_layers = len(decoder_layers(model))
     res.extra["calib_ppl_clip1"] = clip1
     save_ratio_file(res.ratios, out / "ratios.json")
     report = {
@@ -117,6 +165,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         "result": res.to_dict(),
         "findings": findings,
         "test": evals or None,
+        "offload": "disk" if streamed else "none",
         "timings": {"quantize_s": round(quantize_s, 3), "search_s": round(res.search_seconds, 3)},
         "environment": environment(),
     }
@@ -135,10 +184,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from spikequant.cli_args import add_model_args, positive_int
+    from spikequant.cli_args import add_model_args, add_offload_arg, positive_int
 
     p = sub.add_parser("search", help="Gradual Binary Search of per-layer activation clip ratios (GBS)")
     add_model_args(p)
+    add_offload_arg(p)
     p.add_argument("--recipe", default=None,
                    help="preset name or .yaml/.json file to quantize by first (not with a saved --model)")
     p.add_argument("--data-dir", default=None, help="folder holding wikitext-2/ (or $SPIKEQUANT_DATA_DIR)")
@@ -164,6 +214,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-windows", type=positive_int, default=None,
                    help="also evaluate (PPL, KL, top-1) on the first N test windows, at clip 1.0 and after GBS")
     p.add_argument("--eval-seqlen", type=positive_int, default=512, help="test window length (default: 512)")
-    p.add_argument("--save", default=None, help="save the quantized model with the searched ratios here")
+    p.add_argument("--save", default=None, help="save the quantized model with the searched ratios here "
+                   "(streamed: written one layer shard at a time)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_search)

@@ -38,6 +38,11 @@ class LayerSource(Protocol):
 
     def release(self, i: int) -> None: ...
 
+    def hold(self, i: int) -> None:
+        """Load layer ``i`` and keep it loaded (``release`` leaves it) until :meth:`unhold`."""
+
+    def unhold(self, i: int) -> None: ...
+
     def status(self) -> str: ...
 
 

@@ -60,7 +60,7 @@ from spikequant.algorithms.smoothquant import channel_max_hooks, channel_maxima
 from spikequant.errors import SpikequantError
 from spikequant.export.saving import FORMAT_VERSION, MANIFEST, QPARAMS, build_manifest, qparam_tensors
 from spikequant.models.arch import get_arch
-from spikequant.models.runner import capture_inputs
+from spikequant.models.runner import capture_inputs, loaded_layer
 from spikequant.quant import ModuleQuant, QuantizedModel, QuantSpec, attach, set_weight_qparams
 from spikequant.quant.apply import SLOTS
 from spikequant.quant.observers import STATE_KEYS
@@ -87,6 +87,9 @@ def check_streamable(recipe: Recipe) -> None:
     """Fail (one line naming the modifier) on a recipe the streamed pipeline cannot run."""
     seen: list[str] = []
     for m in recipe.modifiers:
+        if m.type == "gbs":  # it probes the whole quantized model, which a one-pass quantize never holds
+            raise StreamingError(f"recipe {recipe.name!r}: the gbs modifier does not run inside a streamed quantize; "
+                                 "quantize without it, then run `spikequant search --model DIR --offload disk`")
         if m.type not in STREAMED:
             raise StreamingError(f"recipe {recipe.name!r}: modifier {m.type!r} has no streamed form (streamed: "
                                  f"{', '.join(STREAMED)}); run it in memory with --offload none")
@@ -379,6 +382,24 @@ def quantize_streamed(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     shutil.rmtree(state_dir, ignore_errors=True)
     return qm, ctx.findings
+
+
+def save_streamed(sm: StreamedModel, qm: QuantizedModel, recipe: Recipe, base_model: str, output: str | Path,
+                  findings: dict[str, Any] | None = None, progress: bool = True) -> Path:
+    """:func:`spikequant.export.save_quantized` for a streamed model: each decoder layer loaded, written as
+    its own shard and freed, then the ends, the index, config, tokenizer, ``quantization.safetensors`` and
+    ``spikequant.json`` (the folder :func:`quantize_streamed` writes). For a model whose quantizer state
+    changed after it was saved (a clip search): the layers' tensors are the checkpoint's as read."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(sm.num_layers), desc="saving (streamed)", unit="layer", disable=not progress, leave=False):
+        with loaded_layer(sm.model, i):
+            _atomic_save(sm.layer_state(i), out / f"model-layer-{i:05d}.safetensors")
+    _write_ends(sm, out, sm.num_layers)
+    save_file(qparam_tensors(qm), str(out / QPARAMS), metadata={"format": "spikequant", "version": str(FORMAT_VERSION)})
+    manifest = build_manifest(qm, recipe, base_model, findings)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return out
 
 
 def _write_ends(sm: StreamedModel, out: Path, n: int) -> None:
