@@ -264,3 +264,49 @@ def _unshared(lin: Int8Linear) -> Int8Linear:
     other.load_state_dict(lin.state_dict())
     assert other.shared is None
     return other
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_norm_and_mlp_equal_the_unfused_modules(arch, dtype, monkeypatch):
+    """Prefill-sized inputs (32 tokens here) go through the fused norm + quantization and SiLU-product +
+    quantization loops: the logits equal those of the same int8 model running the HF modules' own
+    forwards, bit for bit; the MLP with a float (exempt) down_proj is left as it was."""
+    from spikequant.backends.int8 import Int8GatedMLP, Int8QuantNorm, _compiled_norm_quantize, _compiled_swiglu_quantize
+
+    if _compiled_norm_quantize() is None or _compiled_swiglu_quantize() is None:
+        pytest.skip("torch.compile does not work on this machine (no C++ compiler): nothing is fused")
+    from spikequant.backends import int8 as int8_module
+
+    model = _quantized(arch=arch)
+    plain = copy.deepcopy(model)
+    with monkeypatch.context() as m:
+        m.setattr(int8_module, "fuse_mlps", lambda model: 0)
+        m.setattr(int8_module, "fuse_norms", lambda model: 0)
+        convert_to_int8(plain, dtype=dtype)
+    convert_to_int8(model, dtype=dtype)
+    layers = model.model.layers
+    assert isinstance(layers[0].mlp, Int8GatedMLP) and not isinstance(layers[1].mlp, Int8GatedMLP)
+    assert all(isinstance(layer.input_layernorm, Int8QuantNorm) for layer in layers)
+    assert all(isinstance(layer.post_attention_layernorm, Int8QuantNorm) for layer in layers)
+    assert list(model.state_dict()) == list(plain.state_dict())  # the checkpoint does not change
+    unfused = copy.deepcopy(model)
+    for m in unfused.modules():
+        if isinstance(m, Int8GatedMLP | Int8QuantNorm):
+            m.forward = m.unfused_forward
+    calls = []
+    orig = Int8Linear.quantize_input
+    with torch.no_grad():
+        try:
+            Int8Linear.quantize_input = lambda self, x: calls.append(1) or orig(self, x)
+            fused_logits = model(WINDOWS).logits
+            n_fused = len(calls)
+            calls.clear()
+            plain_logits = unfused(WINDOWS).logits
+        finally:
+            Int8Linear.quantize_input = orig
+    assert torch.equal(fused_logits, plain_logits)
+    with torch.no_grad():
+        assert torch.equal(plain(WINDOWS).logits, plain_logits)
+    # every fused MLP (all layers but the exempt one) skips down_proj's quantize_input call
+    assert n_fused == len(calls) - (len(layers) - 1)

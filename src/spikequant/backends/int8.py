@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spikequant.errors import ModelLoadError, SpikequantError
@@ -57,6 +58,22 @@ def _quantize_input(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x.float() / scale).clamp(-128, 127).to(torch.int8)
 
 
+def _swiglu_quantize(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8(round(silu(gate) * up / scale)) with the roundings of the eager MLP: ``silu`` and the product
+    each rounded to the activation dtype (bfloat16 or float32), then quantized as :func:`_quantize_input`."""
+    s = F.silu(gate.float()).to(gate.dtype)
+    h = (s.float() * up.float()).to(gate.dtype)
+    return torch.round(h.float() / scale).clamp(-128, 127).to(torch.int8)
+
+
+def _norm_quantize(x: torch.Tensor, variance: torch.Tensor, weight: torch.Tensor, eps: float,
+                   scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elementwise rest of an RMSNorm (as HF's LlamaRMSNorm computes it, from the float32 ``variance``
+    of the float32 input) and the int8 quantization of its output: (output in x's dtype, int8)."""
+    y = weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+    return y, torch.round(y.float() / scale).clamp(-128, 127).to(torch.int8)
+
+
 _COMPILED: dict[str, Any] = {}
 
 
@@ -67,19 +84,42 @@ def default_quant_mode() -> str:
     return mode
 
 
-def _compiled_quantize() -> Any | None:
-    """``_quantize_input`` through torch.compile (dynamic shapes), or None where inductor cannot build it
-    here (e.g. no C++ compiler): then the eager ops run, with the same results."""
-    if "fn" not in _COMPILED:
-        fn = torch.compile(_quantize_input, dynamic=True)
+def _compiled(eager: Any) -> Any | None:
+    """``eager`` through torch.compile (dynamic shapes), or None where inductor cannot build it here (e.g.
+    no C++ compiler) or its result differs from the eager ops on a probe: then the eager ops run."""
+    if eager.__name__ not in _COMPILED:
+        fn = torch.compile(eager, dynamic=True, options={"emulate_precision_casts": True})
+        scale = torch.tensor(0.37)
+        ok = True
         try:
-            probe = torch.linspace(-300, 300, 4 * 33).reshape(4, 33)
-            scale = torch.tensor(0.37)
-            ok = torch.equal(fn(probe, scale), _quantize_input(probe, scale))
+            for dtype in (torch.float32, torch.bfloat16):  # bfloat16: intermediate roundings kept
+                probe = torch.linspace(-300, 300, 4 * 33).reshape(4, 33).to(dtype)
+                if eager is _quantize_input:
+                    args = (probe, scale)
+                elif eager is _swiglu_quantize:
+                    args = (probe / 50, probe.flip(-1) / 3, scale)
+                else:
+                    var = probe.float().pow(2).mean(-1, keepdim=True)
+                    args = (probe, var, torch.linspace(0.5, 2, 33).to(dtype), 1e-5, scale)
+                out, ref = fn(*args), eager(*args)
+                ok = ok and all(torch.equal(o, r) for o, r in zip(out, ref, strict=True)) \
+                    if isinstance(ref, tuple) else ok and torch.equal(out, ref)
         except Exception:  # noqa: BLE001 - any inductor/toolchain failure means: use the eager ops
             ok = False
-        _COMPILED["fn"] = fn if ok else None
-    return _COMPILED["fn"]
+        _COMPILED[eager.__name__] = fn if ok else None
+    return _COMPILED[eager.__name__]
+
+
+def _compiled_quantize() -> Any | None:
+    return _compiled(_quantize_input)
+
+
+def _compiled_swiglu_quantize() -> Any | None:
+    return _compiled(_swiglu_quantize)
+
+
+def _compiled_norm_quantize() -> Any | None:
+    return _compiled(_norm_quantize)
 
 
 class _SharedInput:
@@ -193,21 +233,25 @@ class Int8Linear(nn.Module):
         return qx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_int8(self.quantize_input(x), x.dtype)
+
+    def forward_int8(self, qx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The linear on an input already quantized with ``input_scale`` (int8, shape (..., in)); the output
+        in ``dtype``."""
         p = self._pack()
-        qx = self.quantize_input(x)
         kernel = self.kernel
         if kernel == "auto":
-            kernel = "int_mm" if x.numel() // self.in_features <= AUTO_SMALL_M else "onednn"
+            kernel = "int_mm" if qx.numel() // self.in_features <= AUTO_SMALL_M else "onednn"
         if kernel == "onednn":
-            bias = None if self.bias is None else self.bias.to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
             return torch.ops.onednn.qlinear_pointwise(qx, p["x_scale"], 0, p["w"], self.weight_scale, p["w_zero"],
-                                                      bias, 1.0, 0, x.dtype, "none", [], "")
-        shape = x.shape[:-1]
+                                                      bias, 1.0, 0, dtype, "none", [], "")
+        shape = qx.shape[:-1]
         acc = torch._int_mm(qx.reshape(-1, self.in_features), p["w_t"])
         y = torch.mul(acc, p["rescale"])  # int32 * float32 -> float32, one op
         if self.bias is not None:
             y.add_(self.bias)
-        return y.to(x.dtype).reshape(*shape, self.out_features)
+        return y.to(dtype).reshape(*shape, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -240,6 +284,137 @@ def share_inputs(model: nn.Module) -> int:
                 m.shared = holder
             shared += 1
     return shared
+
+
+class Int8GatedMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with int8 gate / up / down linears, where the product and the
+    quantization of ``down``'s input run as one loop (compiled; prefill-sized inputs only) instead of four
+    passes over the intermediate tensor. The submodules keep their names, so the state dict and the
+    checkpoint are those of the unfused MLP; the result equals the unfused module's bit for bit (tested)."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self._hf_forward = type(mlp).forward  # the HF module's own forward (a plain function), on these parts
+
+    def unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._hf_forward(self, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down = self.down_proj
+        if down.quant == "eager" or x.numel() // x.shape[-1] <= AUTO_SMALL_M:
+            return self.unfused_forward(x)
+        fn = _compiled_swiglu_quantize()
+        if fn is None:
+            if down.quant == "compiled":
+                raise Int8BackendError("int8 input quantization 'compiled': torch.compile does not work here "
+                                       "(e.g. no C++ compiler); use 'eager' or 'auto'")
+            return self.unfused_forward(x)
+        return down.forward_int8(fn(self.gate_proj(x), self.up_proj(x), down.input_scale), x.dtype)
+
+
+class Int8QuantNorm(nn.Module):
+    """An RMSNorm whose output feeds int8 linears sharing one input scale (q/k/v, gate/up): for
+    prefill-sized inputs, the norm's elementwise part and the quantization of its output run as one loop
+    (compiled), and the int8 tensor is handed to the linears through their shared input, so they do not
+    quantize it again. The variance is computed by the same ops as the norm's own forward, and the output
+    equals it bit for bit (checked on a probe when fused, and tested); ``weight`` keeps its name, so the
+    state dict is the unfused model's."""
+
+    def __init__(self, norm: nn.Module, linear: Int8Linear) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = float(norm.variance_epsilon)
+        self._hf_forward = type(norm).forward
+        self.linear = [linear]  # in a list: not a submodule (no second copy in the state dict)
+
+    def unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._hf_forward(self, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.linear[0]
+        if lin.quant == "eager" or lin.shared is None or x.numel() // x.shape[-1] <= AUTO_SMALL_M:
+            return self.unfused_forward(x)
+        fn = _compiled_norm_quantize()
+        if fn is None:
+            return self.unfused_forward(x)
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        y, qx = fn(x, variance, self.weight, self.variance_epsilon, lin.input_scale)
+        lin.shared.put(y, qx)
+        return y
+
+
+def _is_silu(act: nn.Module) -> bool:
+    probe = torch.linspace(-6, 6, 25)
+    try:
+        return torch.equal(act(probe), F.silu(probe))
+    except Exception:  # noqa: BLE001 - any other activation module: not fused
+        return False
+
+
+def _norm_matches(norm: nn.Module) -> bool:
+    """Whether ``norm`` computes what :class:`Int8QuantNorm` fuses (HF's Llama-style RMSNorm), on a probe."""
+    if not isinstance(getattr(norm, "weight", None), torch.Tensor) or not hasattr(norm, "variance_epsilon"):
+        return False
+    dtype = norm.weight.dtype
+    probe = torch.linspace(-40, 40, 3 * norm.weight.numel(), dtype=torch.float32).reshape(3, -1).to(dtype)
+    var = probe.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    try:
+        with torch.no_grad():
+            mine = _norm_quantize(probe, var, norm.weight, float(norm.variance_epsilon), torch.tensor(1.0))[0]
+            return torch.equal(norm(probe), mine)
+    except Exception:  # noqa: BLE001 - anything else: not fused
+        return False
+
+
+def fuse_norms(model: nn.Module) -> int:
+    """Put an :class:`Int8QuantNorm` in place of each pre-attention / pre-MLP RMSNorm whose output feeds
+    a shared group of int8 linears (q/k/v, gate/up). Returns the number fused."""
+    from spikequant.models.arch import get_arch
+
+    try:
+        arch = get_arch(model)
+    except SpikequantError:
+        return 0
+    fused = 0
+    for i in range(len(model.get_submodule(arch.layers))):
+        layer = model.get_submodule(arch.layer_path(i))
+        for norm_path, first in ((arch.input_norm, arch.q_proj), (arch.post_attn_norm, arch.gate_proj)):
+            norm, lin = layer.get_submodule(norm_path), layer.get_submodule(first)
+            if isinstance(norm, Int8QuantNorm):
+                fused += 1
+            elif isinstance(lin, Int8Linear) and lin.shared is not None and _norm_matches(norm):
+                _set_module(layer, norm_path, Int8QuantNorm(norm, lin))
+                fused += 1
+    return fused
+
+
+def fuse_mlps(model: nn.Module) -> int:
+    """Put an :class:`Int8GatedMLP` in place of every gated SiLU MLP whose three linears are int8 (layers
+    with a spike-exempt float ``down_proj`` keep their MLP). Returns the number fused."""
+    from spikequant.models.arch import get_arch
+
+    try:
+        arch = get_arch(model)
+    except SpikequantError:
+        return 0
+    if not arch.gated_mlp:
+        return 0
+    mlp_path = arch.gate_proj.rsplit(".", 1)[0]
+    fused = 0
+    for i in range(len(model.get_submodule(arch.layers))):
+        name = f"{arch.layer_path(i)}.{mlp_path}"
+        mlp = model.get_submodule(name)
+        if isinstance(mlp, Int8GatedMLP):
+            fused += 1
+            continue
+        parts = [getattr(mlp, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(m, Int8Linear) for m in parts) or not _is_silu(getattr(mlp, "act_fn", None)):
+            continue
+        _set_module(model, name, Int8GatedMLP(mlp))
+        fused += 1
+    return fused
 
 
 def scheme_problem(weights: QuantSpec | None, inputs: QuantSpec | None, outputs: QuantSpec | None) -> str | None:
@@ -389,6 +564,8 @@ def convert_to_int8(model: nn.Module, kernel: str = DEFAULT_KERNEL, dtype: torch
     cast_float_parts(model, dtype)
     if tied:
         model.tie_weights()
+    fuse_mlps(model)
+    fuse_norms(model)
     return names
 
 
@@ -490,6 +667,8 @@ def load_int8(path: str | Path, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype
     if dtype is not None and dtype != saved_dtype:
         cast_float_parts(model, dtype)
     share_inputs(model)
+    fuse_mlps(model)
+    fuse_norms(model)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok, manifest
