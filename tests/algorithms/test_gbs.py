@@ -144,15 +144,18 @@ def test_attention_and_mlp_blocks_compose_to_the_layer(arch):
             assert torch.equal(_mlp_part(get_arch(model), layer, mid), _run_layer(layer, h, kw))
 
 
-def test_fast_layer_objective_runs_one_block_per_probe_and_improves():
+@pytest.mark.parametrize("reference", ["slot", "float"])
+def test_fast_layer_objective_runs_one_block_per_probe_and_improves(reference):
     model, qm = _quantized(layers=3)
     before = calibration_ppl(model, WINDOWS)
-    res = gbs_search(qm, WINDOWS, GBSConfig("fast", iterations=4), progress=False)
+    res = gbs_search(qm, WINDOWS, GBSConfig("fast", iterations=4, reference=reference), progress=False)
     n = len(WINDOWS)
-    # one attention or MLP block per probe (plus one attention block per layer for the MLP's input); whole
-    # layers only for the reference stream and to move to the next layer
-    assert res.sublayer_forwards == {"attention": (5 * 5 + 1) * 3 * n, "mlp": 3 * 5 * 3 * n}
-    assert res.layer_forwards <= 3 * 3 * n
+    # one attention or MLP block per probe (plus one attention block per layer for the MLP's input);
+    # reference "slot": one more block per slot (the slot passing through); "float": whole layers for the
+    # reference stream; and whole layers to move to the next layer
+    per_slot = 5 + (reference == "slot")
+    assert res.sublayer_forwards == {"attention": (5 * per_slot + 1) * 3 * n, "mlp": 3 * per_slot * 3 * n}
+    assert res.layer_forwards <= (2 if reference == "slot" else 3 * 3) * n
     assert all(s.objective >= 0 for s in res.slots)
     assert res.calib_ppl < before
 

@@ -50,7 +50,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         "validation or train")
     try:
         config = GBSConfig(args.mode, args.objective, args.iterations, args.epsilon, args.reverse, args.layers,
-                           args.batch_size, args.horizon)
+                           args.batch_size, args.horizon, args.reference)
     except ValueError as e:
         raise SpikequantError(f"search: {e}") from None
     saved = is_quantized_dir(args.model)
@@ -205,6 +205,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fast mode's objective (default layer; exact mode: ppl)")
     p.add_argument("--horizon", type=positive_int, default=1,
                    help="fast mode, objective layer: measure the error this many layers on (default: 1)")
+    p.add_argument("--reference", choices=["float", "slot"], default="float",
+                   help="fast mode, objective layer: compare a probe with the never-quantized stream (float, "
+                        "default) or with the same computation with the searched slot passing through (slot)")
     p.add_argument("--reverse", action="store_true", help="visit layers (and slots) from last to first")
     p.add_argument("--layers", type=positive_int, default=None,
                    help="search only the first K layers of the visiting order; the rest pass through")
