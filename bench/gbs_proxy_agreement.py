@@ -149,6 +149,10 @@ def replay(args: argparse.Namespace) -> None:
     search.set_slot(first["layer"], first["key"], first["probes"][0][0])
     got = calibration_ppl(model, windows)
     print(f"check: first probe {got:.6f}, exact run {first['probes'][0][1]:.6f}", flush=True)
+    if abs(got - first["probes"][0][1]) > 1e-9 * got:
+        # low-bit models move with the float summation order: run with the exact run's thread count
+        raise SystemExit(f"the replay does not start from the exact run's state ({got} != {first['probes'][0][1]}); "
+                         f"same recipe, data and torch threads (the run's report records them)?")
     slot_off(first["layer"], first["key"])
     lens_at = sorted({0, args.horizon - 1})
     t0 = time.time()
