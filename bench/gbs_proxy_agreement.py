@@ -42,6 +42,7 @@ def agreement(rows: list[dict]) -> list[str]:
         slots.setdefault((r["layer"], r["key"]), []).append(r)
     names = [k for k in rows[0] if k not in ("layer", "key", "x", "f")]
     total = {p: [0, 0, 0.0, 0.0] for p in names}
+    side = {p: collections.Counter() for p in names}  # (exact mode kept the lower ratio, candidate agreed)
     by_key: dict[str, dict[str, list[int]]] = collections.defaultdict(lambda: {p: [0, 0] for p in names})
     for (_, key), probes in slots.items():
         m = probes[0]
@@ -54,15 +55,20 @@ def agreement(rows: list[dict]) -> list[str]:
                 t[0], t[1], t[2], t[3] = t[0] + ok, t[1] + 1, t[2] + w * (not ok), t[3] + w
                 by_key[key][p][0] += ok
                 by_key[key][p][1] += 1
+                side[p][((r["x"] < m["x"]) == better, ok)] += 1
             if better:
                 m = r
     keys = list(by_key)
     out = [f"{len(slots)} slots, {total[names[0]][1]} decisions of exact mode",
-           "| objective | agree | weighted wrong | " + " | ".join(keys) + " |",
-           "|---|---:|---:|" + "---:|" * len(keys)]
+           "| objective | agree | weighted wrong | exact kept the lower ratio | exact kept the higher | "
+           + " | ".join(keys) + " |",
+           "|---|---:|---:|---:|---:|" + "---:|" * len(keys)]
     for p in names:
         a, n, lost, w = total[p]
-        out.append(f"| {p} | {a}/{n} ({a / n:.3f}) | {lost / w:.3f} | "
+        c = side[p]
+        lower = f"{c[(True, True)]}/{c[(True, True)] + c[(True, False)]}"
+        higher = f"{c[(False, True)]}/{c[(False, True)] + c[(False, False)]}"
+        out.append(f"| {p} | {a}/{n} ({a / n:.3f}) | {lost / w:.3f} | {lower} | {higher} | "
                    + " | ".join(f"{by_key[k][p][0]}/{by_key[k][p][1]}" for k in keys) + " |")
     return out
 
