@@ -13,7 +13,7 @@ from typing import Any
 from spikequant.eval import zeroshot
 
 PACKAGES = ("spikequant", "torch", "transformers", "tokenizers", "accelerate", "safetensors", "gguf", "numpy",
-            "lm_eval")
+            "lm_eval", "compressed-tensors")
 
 # The command line that started this process, set by the ``spikequant`` CLI (and the bench scripts) when
 # they are the entry point; a report made through the Python API says so instead of guessing from sys.argv.
