@@ -214,7 +214,9 @@ def test_compiled_input_quantization_equals_eager():
         assert torch.equal(fn(x, scale), _quantize_input(x, scale))
 
 
-def test_shared_input_groups_quantize_once_and_give_the_same_logits():
+def test_shared_input_groups_quantize_once_and_give_the_same_logits(monkeypatch):
+    from spikequant.backends import int8 as int8_module
+
     model = _quantized()
     unshared = copy.deepcopy(model)
     convert_to_int8(model)
@@ -226,18 +228,16 @@ def test_shared_input_groups_quantize_once_and_give_the_same_logits():
     assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared is not None
     assert mlp.gate_proj.shared is mlp.up_proj.shared is not None and attn.o_proj.shared is None
     calls = []
-    orig = Int8Linear.quantize_input.__globals__["_quantize_input"]
+    orig = int8_module._quantize_input
 
     def counting(x, s):
         calls.append(x.shape)
         return orig(x, s)
 
-    Int8Linear.quantize_input.__globals__["_quantize_input"] = counting
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(int8_module, "_quantize_input", counting)
         with torch.no_grad():
             model(WINDOWS[:1, :8])
-    finally:
-        Int8Linear.quantize_input.__globals__["_quantize_input"] = orig
     # per layer: q/k/v once, o once, gate/up once, down once (the exempt down_proj of layer 1 is float)
     n_layers = len(model.model.layers)
     assert len(calls) == 4 * n_layers - 1
