@@ -10,7 +10,12 @@ decides the same way. Candidates, at the output of layer l + d (d = 0 .. horizon
 - ``L{d}``: relative error against the same layers run from the same inputs with the slot passing through
   (``--reference slot``);
 - ``KLg{d}`` / ``KLl{d}``: KL divergence of the logit lens (final norm + lm_head on that hidden state)
-  against the same two references; ``CE{d}``: the logit lens's cross-entropy on the window's next tokens.
+  against the same two references; ``CE{d}``: the logit lens's cross-entropy on the window's next tokens;
+- ``T1_{d}`` / ``T2_{d}`` / ``F{d}`` (``--taylor``): the whole model's calibration loss predicted from
+  layer l + d's output by a Taylor expansion around the slot passing through: g = d(sum of NLL)/dy from one
+  backward pass through the rest of the model per slot (V caches in float there, rounding has no
+  gradient), first order g·Δ (``T1``), plus ½ Σ_tokens (g_t·Δ_t)² (``T2``), or the gradient-weighted
+  squared error Σ g²Δ² alone (``F``).
 
 "weighted wrong" weights each disagreement by |ln f(x) - ln f(m)| (how much exact mode's objective
 separated the two ratios), so near-ties count little.
@@ -82,6 +87,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="stop after this many layers")
     ap.add_argument("--out", required=True, help="JSON lines, one per probe (appended to; --analyze-only reads it)")
     ap.add_argument("--analyze-only", action="store_true")
+    ap.add_argument("--taylor", action="store_true", help="add the Taylor-expansion candidates T1, T2, F")
     args = ap.parse_args()
     if not args.analyze_only:
         replay(args)
@@ -160,6 +166,27 @@ def replay(args: argparse.Namespace) -> None:
         raise SystemExit(f"the replay does not start from the exact run's state ({got} != {first['probes'][0][1]}); "
                          f"same recipe, data and torch threads (the run's report records them)?")
     slot_off(first["layer"], first["key"])
+    model.requires_grad_(False)
+
+    def loss_grad(j0: int, y: torch.Tensor, kw: dict) -> torch.Tensor:
+        """d(sum of next-token NLL)/dy for y = layer j0's output, V caches of later layers in float."""
+        vq = [q for (lj, k), qs in search.index.items() if k == "v_cache" and lj > j0 for q in qs]
+        for q in vq:
+            q.enabled = False
+        try:
+            with torch.enable_grad():
+                y = y.detach().requires_grad_(True)
+                z = y
+                for j in range(j0 + 1, n_layers):
+                    z = _run_layer(search.layers[j], z, kw)
+                logits = head(norm(z))[:, :-1].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+                (g,) = torch.autograd.grad(loss, y)
+        finally:
+            for q in vq:
+                q.enabled = True
+        return g
+
     lens_at = sorted({0, args.horizon - 1})
     t0 = time.time()
 
@@ -180,6 +207,10 @@ def replay(args: argparse.Namespace) -> None:
         slot_off(layer, key)
         offd = depths(layer, hs)
         offl = {d: lens(offd[d]) for d in refl}
+        grads = {}
+        if args.taylor:
+            assert len(hs) == 1, "--taylor: one batch of calibration windows"
+            grads = {d: loss_grad(layer + d, offd[d], hs[0][1]) for d in refl}
         for x, fx in s["probes"]:
             search.set_slot(layer, key, x)
             yd = depths(layer, hs)
@@ -190,6 +221,13 @@ def replay(args: argparse.Namespace) -> None:
                 ly = lens(yd[d])
                 rec[f"KLg{d}"], rec[f"KLl{d}"] = kl(ly, refl[d]), kl(ly, offl[d])
                 rec[f"CE{d}"] = float(-ly.gather(-1, targets.unsqueeze(-1)).mean(dtype=torch.float64))
+            for d, g in grads.items():
+                delta = (yd[d] - offd[d]).double()
+                g = g.double()
+                lin = float((g * delta).sum())
+                rec[f"T1_{d}"] = lin
+                rec[f"T2_{d}"] = lin + 0.5 * float((g * delta).sum(-1).pow(2).sum())
+                rec[f"F{d}"] = float((g * delta).pow(2).sum())
             emit(rec)
         search.set_slot(layer, key, s["ratio"])
         if n + 1 == len(slots) or slots[n + 1]["layer"] != layer:
