@@ -97,8 +97,14 @@ def main() -> None:
 
 @torch.no_grad()
 def replay(args: argparse.Namespace) -> None:
-    from spikequant.algorithms.clip_ratios import set_clip_ratio
-    from spikequant.algorithms.gbs import GBSConfig, _float_activations, _run_layer, _Search, calibration_ppl
+    from spikequant.algorithms.gbs import (
+        GBSConfig,
+        _float_activations,
+        _relative_error,
+        _run_layer,
+        _Search,
+        calibration_ppl,
+    )
     from spikequant.data import calibration_windows, eval_windows, load_text, tokenize
     from spikequant.models import get_arch, load_model
     from spikequant.pipeline import quantize
@@ -130,12 +136,6 @@ def replay(args: argparse.Namespace) -> None:
             q.enabled = id(q) in search.v_cache
     n_layers = len(search.layers)
 
-    def slot_off(layer: int, key: str) -> None:
-        set_clip_ratio(qm, layer, key, 1.0, search.index)
-        for q in search.index[(layer, key)]:
-            if id(q) not in search.v_cache:
-                q.enabled = False
-
     def depths(layer: int, hs: list, ref: bool = False) -> list[torch.Tensor]:
         outs, ys = [], [h for h, _ in hs]
         for j in range(layer, min(layer + args.horizon, n_layers)):
@@ -151,21 +151,21 @@ def replay(args: argparse.Namespace) -> None:
         return F.log_softmax(head(norm(y))[:, :-1].float(), -1)
 
     def rel(y: torch.Tensor, r: torch.Tensor) -> float:
-        return float(((y - r).pow(2).sum(-1) / r.pow(2).sum(-1).clamp_min(1e-30)).mean(dtype=torch.float64))
+        return _relative_error([y], [r])
 
     def kl(lp: torch.Tensor, lr: torch.Tensor) -> float:
         return float((lr.exp() * (lr - lp)).sum(-1).mean(dtype=torch.float64))
 
     # the replay starts from exact mode's starting state: check it gives exact mode's first objective value
     first = slots[0]
-    search.set_slot(first["layer"], first["key"], first["probes"][0][0])
-    got = calibration_ppl(model, windows)
+    with search.slot_off(first["layer"], first["key"]):  # back to passing through afterwards
+        search.set_slot(first["layer"], first["key"], first["probes"][0][0])
+        got = calibration_ppl(model, windows)
     print(f"check: first probe {got:.6f}, exact run {first['probes'][0][1]:.6f}", flush=True)
     if abs(got - first["probes"][0][1]) > 1e-9 * got:
         # low-bit models move with the float summation order: run with the exact run's thread count
         raise SystemExit(f"the replay does not start from the exact run's state ({got} != {first['probes'][0][1]}); "
                          f"same recipe, data and torch threads (the run's report records them)?")
-    slot_off(first["layer"], first["key"])
     model.requires_grad_(False)
 
     def loss_grad(j0: int, y: torch.Tensor, kw: dict) -> torch.Tensor:
@@ -204,13 +204,13 @@ def replay(args: argparse.Namespace) -> None:
             refd = depths(layer, search.layer_inputs(layer, "ref"), ref=True)
             search._cache[("refd", layer)] = (refd, {d: lens(refd[d]) for d in lens_at if d < len(refd)})
         refd, refl = search._cache[("refd", layer)]
-        slot_off(layer, key)
-        offd = depths(layer, hs)
-        offl = {d: lens(offd[d]) for d in refl}
-        grads = {}
-        if args.taylor:
-            assert len(hs) == 1, "--taylor: one batch of calibration windows"
-            grads = {d: loss_grad(layer + d, offd[d], hs[0][1]) for d in refl}
+        with search.slot_off(layer, key):  # the slot as before the search reached it
+            offd = depths(layer, hs)
+            offl = {d: lens(offd[d]) for d in refl}
+            grads = {}
+            if args.taylor:
+                assert len(hs) == 1, "--taylor: one batch of calibration windows"
+                grads = {d: loss_grad(layer + d, offd[d], hs[0][1]) for d in refl}
         for x, fx in s["probes"]:
             search.set_slot(layer, key, x)
             yd = depths(layer, hs)
