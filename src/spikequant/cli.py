@@ -148,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         save_int8(prepared.model, prepared.tokenizer, args.save_int8, args.model)
     res = generate(prepared, args.prompt, args.max_new_tokens, do_sample=args.sample, use_cache=not args.no_cache,
-                   seed=args.seed)
+                   seed=args.seed, compile=args.compile)
     import torch
 
     what = {"float": "float32" + (" fake-quant" if prepared.recipe else ""),
@@ -158,7 +158,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(res.text)
     print(f"\n[{prepared.backend}: {what}; recipe {prepared.recipe or 'none'}; {torch.get_num_threads()} threads] "
           f"prefill {res.prompt_tokens} tokens: {res.prefill_tps:.1f} tokens/s; "
-          f"decode {max(res.new_tokens - 1, 0)} tokens: {res.decode_tps:.1f} tokens/s")
+          f"decode {max(res.new_tokens - 1, 0)} tokens: {res.decode_tps:.1f} tokens/s"
+          + (f" (decode compiled; first, untimed run {res.warmup_s:.1f} s)" if res.compiled else ""))
     return 0
 
 
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample")
     p.add_argument("--no-cache", action="store_true", help="rerun the whole sequence at every step (no KV cache)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (static KV cache, torch.compile; an untimed first run compiles, "
+                        "minutes on a small CPU)")
     p.add_argument("--kernel", default="auto", choices=["auto", "onednn", "int_mm"],
                    help="int8 kernel (default: %(default)s)")
     p.add_argument("--int8-dtype", default="float32", choices=["float32", "bfloat16"],

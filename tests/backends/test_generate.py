@@ -76,6 +76,8 @@ def test_no_cache_decoding_equals_cached_for_static_models(tmp_path):
      "int8 backend cannot run model.layers.0.self_attn.q_proj: inputs int8-tensor-dyn"),
     (lambda q, t: ["--model", _saved(t, "w8a8-tensor", "dyn"), "--backend", "float", "--prompt", "x"],
      "pass --no-cache"),
+    (lambda q, t: ["--model", q, "--backend", "int8", "--compile", "--no-cache", "--prompt", "x"],
+     "cannot be combined with --no-cache"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, make_args, needle):
     q = _saved(tmp_path)
@@ -126,3 +128,21 @@ def test_cached_decoding_of_a_rotated_kv_quantized_model_equals_no_cache(tmp_pat
     a = generate(prepared, PROMPT, 6, ignore_eos=True)
     b = generate(prepared, PROMPT, 6, ignore_eos=True, use_cache=False)
     assert a.new_tokens == 6 and a.completion == b.completion
+
+
+def test_compiled_decoding_generates_what_eager_does(tmp_path, capsys):
+    """--compile: transformers' compiled decode step (static KV cache) on the int8 model greedy-decodes the
+    eager model's tokens; the untimed first (compiling) run is reported."""
+    from spikequant.backends.int8 import _compiled_quantize
+
+    if _compiled_quantize() is None:
+        pytest.skip("torch.compile does not work on this machine (no C++ compiler)")
+    q = _saved(tmp_path)
+    eager = generate(load_for_backend(q, "int8"), PROMPT, 8, ignore_eos=True)
+    compiled = generate(load_for_backend(q, "int8"), PROMPT, 8, ignore_eos=True, compile=True)
+    assert compiled.new_tokens == eager.new_tokens == 8
+    assert compiled.completion == eager.completion
+    assert compiled.compiled and compiled.warmup_s > 0 and not eager.compiled
+    assert main(["generate", "--model", q, "--backend", "int8", "--prompt", PROMPT, "--max-new-tokens", "3",
+                 "--no-progress", "--compile"]) == 0
+    assert "decode compiled; first, untimed run" in capsys.readouterr().out.splitlines()[-1]

@@ -310,3 +310,44 @@ def test_fused_norm_and_mlp_equal_the_unfused_modules(arch, dtype, monkeypatch):
         assert torch.equal(plain(WINDOWS).logits, plain_logits)
     # every fused MLP (all layers but the exempt one) skips down_proj's quantize_input call
     assert n_fused == len(calls) - (len(layers) - 1)
+
+
+def _compile_works() -> bool:
+    from spikequant.backends.int8 import _compiled_quantize
+
+    return _compiled_quantize() is not None
+
+
+def test_whole_model_compiled_matches_eager():
+    """compile_model traces every int8 linear whole (fullgraph: no graph break, so the traced path is what
+    runs): oneDNN's qlinear under freezing for prefill-sized inputs (seen in the profile), _int_mm for a
+    few tokens; the logits are the eager int8 model's up to float rounding, the greedy tokens the same."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from spikequant.backends import compile_model
+
+    if not _compile_works():
+        pytest.skip("torch.compile does not work on this machine (no C++ compiler)")
+    model = _quantized()
+    convert_to_int8(model)
+    small = WINDOWS[:1, :1]  # one token (a decode step): the _int_mm path
+    with torch.no_grad():
+        eager = [model(x, use_cache=False).logits for x in (WINDOWS, small)]
+        compiled = compile_model(model, fullgraph=True)
+        traced = [compiled(x, use_cache=False).logits for x in (WINDOWS, small)]
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            compiled(WINDOWS, use_cache=False)
+    ops = {e.key: e.count for e in p.key_averages()}
+    assert ops.get("onednn::qlinear_pointwise") == 13, ops  # the 13 int8 linears, none eager
+    for e, t in zip(eager, traced, strict=True):
+        err = float((t - e).abs().max() / e.abs().max())
+        assert err < 1e-3, err
+        assert float((t.argmax(-1) == e.argmax(-1)).float().mean()) > 0.99
+
+
+def test_traced_int8_linear_needs_preparing():
+    model = _quantized()
+    convert_to_int8(model)
+    lin = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(Int8BackendError, match="compile_model or prepare_traced"):
+        lin._traced_forward(torch.randn(3, lin.in_features))

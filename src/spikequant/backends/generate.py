@@ -21,6 +21,8 @@ class GenerationResult:
     new_tokens: int
     prefill_s: float
     decode_s: float
+    compiled: bool = False
+    warmup_s: float | None = None  # compiled: the untimed first call (compilation) before the timed one
 
     @property
     def prefill_tps(self) -> float:
@@ -107,10 +109,15 @@ def load_for_backend(model: str, backend: str, recipe: str | None = None, data_d
 
 @torch.inference_mode()
 def generate(prepared: PreparedModel, prompt: str, max_new_tokens: int = 32, do_sample: bool = False,
-             use_cache: bool = True, ignore_eos: bool = False, seed: int = 0) -> GenerationResult:
+             use_cache: bool = True, ignore_eos: bool = False, seed: int = 0,
+             compile: bool = False) -> GenerationResult:
     """Greedy (or sampled) continuation of ``prompt``; prefill = the pass over the prompt that yields the
-    first new token, decode = every later step."""
-    from transformers import GenerationConfig
+    first new token, decode = every later step.
+
+    ``compile``: the decode steps run compiled (transformers' own path: a static KV cache and
+    ``torch.compile`` of the one-token forward, enabled on the CPU too; the prompt pass stays eager). The
+    first call compiles (minutes on a small CPU); it runs once untimed (``warmup_s``) before the timed one."""
+    from transformers import CompileConfig, GenerationConfig
 
     if not prompt:
         raise SpikequantError("--prompt is empty")
@@ -128,6 +135,22 @@ def generate(prepared: PreparedModel, prompt: str, max_new_tokens: int = 32, do_
                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
                            eos_token_id=None if ignore_eos else eos,
                            min_new_tokens=max_new_tokens if ignore_eos else None)
+    if compile:
+        if not use_cache:
+            raise SpikequantError("--compile compiles the cached decode step; it cannot be combined with --no-cache")
+        from spikequant.backends.int8 import prepare_traced
+
+        prepare_traced(prepared.model)
+        cc = CompileConfig(mode="default", dynamic=False)
+        cc._compile_all_devices = True  # transformers compiles on accelerators only unless told
+        cfg.cache_implementation, cfg.compile_config = "static", cc
+    warmup_s = None
+    if compile:
+        if do_sample:
+            torch.manual_seed(seed)
+        t = time.perf_counter()
+        prepared.model.generate(**enc, generation_config=cfg)
+        warmup_s = time.perf_counter() - t
     if do_sample:
         torch.manual_seed(seed)
     clock = _Clock()
@@ -140,4 +163,5 @@ def generate(prepared: PreparedModel, prompt: str, max_new_tokens: int = 32, do_
     decode_s = times[-1] - times[1] if len(times) > 2 else 0.0
     return GenerationResult(text=tok.decode(out[0], skip_special_tokens=True),
                             completion=tok.decode(new, skip_special_tokens=True), prompt_tokens=n_prompt,
-                            new_tokens=int(new.numel()), prefill_s=prefill_s, decode_s=decode_s)
+                            new_tokens=int(new.numel()), prefill_s=prefill_s, decode_s=decode_s,
+                            compiled=compile, warmup_s=warmup_s)

@@ -168,6 +168,7 @@ class Int8Linear(nn.Module):
             raise Int8BackendError(f"unknown int8 input quantization {quant!r}; choose from {', '.join(QUANT_MODES)}")
         self.in_features, self.out_features, self.kernel, self.quant = in_features, out_features, kernel, quant
         self.shared: _SharedInput | None = None  # set by share_inputs for linears reading one tensor
+        self.traced = False  # set by prepare_traced: the packed weights then include the traced path's
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("input_scale", torch.ones(()))
@@ -201,15 +202,18 @@ class Int8Linear(nn.Module):
         return mod.to(linear.weight.device)
 
     def _pack(self) -> dict[str, Any]:
-        # Rebuilt when the buffers change identity (load_state_dict, .to()): the cache is derived state.
+        # Rebuilt when the buffers change identity (load_state_dict, .to()) or the kernels needed change:
+        # the cache is derived state.
+        onednn = self.kernel in ("onednn", "auto")
+        int_mm = self.kernel in ("int_mm", "auto") or self.traced  # traced: int_mm for decode-sized inputs
         key = (self.weight.data_ptr(), self.weight_scale.data_ptr(), self.input_scale.data_ptr(),
-               None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype))
+               None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype), onednn, int_mm)
         if self._packed is None or self._packed["key"] != key:
             p: dict[str, Any] = {"key": key, "x_scale": float(self.input_scale)}
-            if self.kernel in ("onednn", "auto"):
+            if onednn:
                 p["w"] = torch.ops.onednn.qlinear_prepack(self.weight, None)
                 p["w_zero"] = torch.zeros(self.out_features, dtype=torch.int64)
-            if self.kernel in ("int_mm", "auto"):
+            if int_mm:
                 p["w_t"] = self.weight.t().contiguous()
                 p["rescale"] = (self.input_scale.float() * self.weight_scale.float())
             self._packed = p
@@ -233,7 +237,37 @@ class Int8Linear(nn.Module):
         return qx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
         return self.forward_int8(self.quantize_input(x), x.dtype)
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same integers as :meth:`forward`, in ops torch.compile traces whole (no shared-input cache,
+        no nested compiled call, the packed weights prepared beforehand by :func:`prepare_traced`): inductor
+        fuses the input quantization into the op that produces ``x`` and the rescale into what follows.
+        oneDNN's qlinear needs its prepacked weight to be a graph constant, which only inductor's freezing
+        makes it; without freezing (e.g. ``generate``'s compiled decode steps) ``_int_mm`` runs."""
+        import torch._inductor.config as inductor_config
+
+        p = self._packed
+        if p is None or not self.traced:
+            raise Int8BackendError("Int8Linear under torch.compile: prepare the model with "
+                                   "spikequant.backends.compile_model or prepare_traced first")
+        m = x.numel() // self.in_features
+        if "w" in p and m > AUTO_SMALL_M and inductor_config.freezing:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.ops.onednn.qlinear_pointwise(_quantize_input(x, self.input_scale), p["x_scale"], 0, p["w"],
+                                                      self.weight_scale, p["w_zero"], bias, 1.0, 0, x.dtype,
+                                                      "none", [], "")
+        # Reshaped to 2-D before quantizing: quantizing a (1, 1, K) decode-step input and reshaping the
+        # int8 result gave _int_mm a wrongly laid out buffer under inductor (torch 2.13, CPU; wrong
+        # products, found by tests/backends/test_generate.py::test_compiled_decoding_generates_what_eager_does).
+        qx = _quantize_input(x.reshape(-1, self.in_features), self.input_scale)
+        acc = torch._int_mm(qx, p["w_t"])
+        y = acc * p["rescale"]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward_int8(self, qx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The linear on an input already quantized with ``input_scale`` (int8, shape (..., in)); the output
@@ -286,6 +320,45 @@ def share_inputs(model: nn.Module) -> int:
     return shared
 
 
+def prepare_traced(model: nn.Module) -> int:
+    """Let the model's int8 linears run inside torch.compile (their packed weights built now, outside the
+    trace). Returns the number of int8 linears."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.traced = True
+            m._pack()
+            n += 1
+    return n
+
+
+class CompiledModel:
+    """``torch.compile(model)`` (static shapes: one graph per input shape) called with inductor's freezing
+    on, so parameters are graph constants (weights prepacked for oneDNN, int8 linears on oneDNN's qlinear
+    for prefill-sized inputs). A float model compiles the same way, so float and int8 compare alike.
+    Each new input shape compiles again (minutes for a 30-layer model on 2 cores): meant for repeated
+    calls of one shape (benchmarks, batch serving), not one-off prompts."""
+
+    def __init__(self, model: nn.Module, freezing: bool = True, fullgraph: bool = False) -> None:
+        prepare_traced(model)
+        self.model, self.freezing = model, freezing
+        self._fn = torch.compile(model, dynamic=False, fullgraph=fullgraph)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=self.freezing):
+            return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # config, device, ... of the wrapped model
+        return getattr(self.__dict__["model"], name)
+
+
+def compile_model(model: nn.Module, freezing: bool = True, fullgraph: bool = False) -> CompiledModel:
+    """The model (float or int8) compiled for repeated forwards; see :class:`CompiledModel`."""
+    return CompiledModel(model, freezing, fullgraph)
+
+
 class Int8GatedMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with int8 gate / up / down linears, where the product and the
     quantization of ``down``'s input run as one loop (compiled; prefill-sized inputs only) instead of four
@@ -303,7 +376,7 @@ class Int8GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down = self.down_proj
-        if down.quant == "eager" or x.numel() // x.shape[-1] <= AUTO_SMALL_M:
+        if torch.compiler.is_compiling() or down.quant == "eager" or x.numel() // x.shape[-1] <= AUTO_SMALL_M:
             return self.unfused_forward(x)
         fn = _compiled_swiglu_quantize()
         if fn is None:
@@ -334,7 +407,7 @@ class Int8QuantNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lin = self.linear[0]
-        if lin.quant == "eager" or lin.shared is None or x.numel() // x.shape[-1] <= AUTO_SMALL_M:
+        if torch.compiler.is_compiling() or lin.quant == "eager" or lin.shared is None or x.numel() // x.shape[-1] <= AUTO_SMALL_M:
             return self.unfused_forward(x)
         fn = _compiled_norm_quantize()
         if fn is None:
