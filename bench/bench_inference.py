@@ -40,6 +40,13 @@ ROWS = {
     "int8-bf16-eager": "as int8-bf16, the input quantization in four eager ops instead of one fused (compiled) loop",
     "int8-onednn": "int8 linears (oneDNN qlinear only), float32 activations and float modules",
     "int8-int_mm": "int8 linears (torch._int_mm), float32 activations and float modules",
+    # compiled rows: prefill and PPL through spikequant.backends.compile_model (torch.compile, inductor
+    # freezing, one graph per shape), decode through generate(compile=True) (static KV cache, transformers'
+    # compiled decode step); compilation is timed apart (compile_s in the JSON), never in the rates
+    "fp32-compiled": "fp32, compiled (torch.compile: prefill with freezing, decode with a static KV cache)",
+    "bf16-compiled": "bf16, compiled (as fp32-compiled)",
+    "int8-compiled": "int8 (float32 elsewhere), compiled: oneDNN qlinear for prefill, _int_mm for decode",
+    "int8-bf16-compiled": "int8-bf16, compiled: oneDNN qlinear for prefill, _int_mm for decode",
 }
 
 
@@ -69,7 +76,8 @@ def worker(args: argparse.Namespace) -> dict:
     from spikequant.eval.perplexity import evaluate
 
     torch.set_flush_denormal(True)  # every backend alike (the fake-quant path needs it, see eval/perplexity.py)
-    name = args.worker
+    compiled = args.worker.endswith("-compiled")
+    name = args.worker.removesuffix("-compiled")
     t = time.perf_counter()
     if name in ("fp32", "bf16"):
         from spikequant.models import load_model
@@ -90,8 +98,20 @@ def worker(args: argparse.Namespace) -> dict:
         model, tok, _ = load_int8(path, kernel, torch.bfloat16 if bf16 else torch.float32,
                                   quant="eager" if name.endswith("-eager") else "auto")
     load_s = time.perf_counter() - t
-    out: dict = {"backend": name, "load_s": round(load_s, 2), "weight_bytes": weight_bytes(model),
+    out: dict = {"backend": args.worker, "load_s": round(load_s, 2), "weight_bytes": weight_bytes(model),
                  "load_before": load_avg()}
+    run = model
+    if compiled:
+        from spikequant.backends import compile_model
+
+        run = compile_model(model)
+        out["compile_s"] = {}
+
+    def first_call(key: str, fn) -> None:  # compiled rows: the call that compiles, timed apart
+        if compiled:
+            t = time.perf_counter()
+            fn()
+            out["compile_s"][key] = round(time.perf_counter() - t, 1)
     text = load_text("wikitext2", "test", args.data_dir)
     ids = tokenize(tok, text)
     g = torch.Generator().manual_seed(0)
@@ -100,7 +120,8 @@ def worker(args: argparse.Namespace) -> dict:
             for batch in args.batches:
                 starts = torch.randint(0, ids.numel() - args.prompt_len, (batch,), generator=g)
                 x = torch.stack([ids[s:s + args.prompt_len] for s in starts.tolist()])
-                med, samples = timed(lambda x=x: model(x, use_cache=True, logits_to_keep=1), args.repeats)
+                first_call(f"prefill_b{batch}", lambda x=x: run(x, use_cache=True, logits_to_keep=1))
+                med, samples = timed(lambda x=x: run(x, use_cache=True, logits_to_keep=1), args.repeats)
                 out[f"prefill_b{batch}_tps"] = batch * args.prompt_len / med
                 out[f"prefill_b{batch}_s"] = [round(s, 4) for s in samples]
                 out[f"prefill_b{batch}_best_tps"] = batch * args.prompt_len / min(samples)
@@ -108,13 +129,16 @@ def worker(args: argparse.Namespace) -> dict:
         prepared = PreparedModel(model, tok, "int8" if name.startswith("int8") else "float", args.model)
         decode = []
         for _ in range(args.repeats):
-            r = generate(prepared, prompt, args.decode_tokens, ignore_eos=True)
+            r = generate(prepared, prompt, args.decode_tokens, ignore_eos=True, compile=compiled)
             decode.append(r.decode_tps)
+            if compiled:
+                out["compile_s"].setdefault("decode_first_generate", round(r.warmup_s, 1))
         out["decode_prompt_tokens"] = r.prompt_tokens
         out["decode_tps"] = statistics.median(decode)
         out["decode_tps_samples"] = [round(d, 2) for d in decode]
     windows = eval_windows(ids, args.seqlen, args.max_windows, text.max_windows)
-    res = evaluate(model, windows, progress=False)
+    first_call("ppl", lambda: evaluate(run, windows[:1], progress=False))
+    res = evaluate(run, windows, progress=False)
     out.update(ppl=res.ppl, ppl_windows=res.windows, ppl_tokens=res.tokens, ppl_s=round(res.seconds, 1))
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["load_after"] = load_avg()
@@ -153,12 +177,15 @@ def ensure_checkpoints(args: argparse.Namespace, work: Path) -> dict[str, int]:
     for k in ("int8", "int8-int_mm", "int8-onednn"):
         sizes[k] = dir_bytes(Path(args.int8_dir))
     sizes["int8-bf16"] = sizes["int8-bf16-eager"] = dir_bytes(bf16_int8)
+    for k in list(sizes):
+        sizes[f"{k}-compiled"] = sizes[k]
     return sizes
 
 
 def markdown(results: list[dict], meta: dict) -> str:
     fp = next((r for r in results if r["backend"] == "fp32"), None)
-    floats = [r for r in results if r["backend"] in ("fp32", "bf16") and "prefill_b1_tps" in r]
+    floats = [r for r in results if r["backend"].removesuffix("-compiled") in ("fp32", "bf16")
+              and "prefill_b1_tps" in r]
     mib = 1 << 20
     head = ("| backend | what runs | prefill b1 tok/s | prefill b8 tok/s | decode tok/s | weights in memory MiB | "
             "checkpoint on disk MiB | peak RSS MiB | PPL |")

@@ -8,6 +8,7 @@ and what is neither).
 
     spikequant generate --model /tmp/q8 --backend int8 --int8-dtype bfloat16 --prompt Hi --save-int8 /tmp/q8-int8-bf16
     python bench/inference_interleaved.py --int8-dir /tmp/q8-int8-bf16 --batches 8 1 --threads 2 1 --profile 8
+    python bench/inference_interleaved.py --int8-dir /tmp/q8-int8-bf16 --batches 8 1 --compiled
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compiled", action="store_true",
+                    help="also each model through spikequant.backends.compile_model (torch.compile with "
+                         "freezing; the compiling call is the warm-up, untimed)")
     ap.add_argument("--profile", type=int, default=None, metavar="BATCH",
                     help="also profile one forward per backend at this batch size (first --threads value)")
     args = ap.parse_args()
 
-    from spikequant.backends import load_int8
+    from spikequant.backends import compile_model, load_int8
     from spikequant.models import load_model
     from spikequant.reports import cpu_info
 
@@ -46,6 +50,8 @@ def main() -> None:
     models = {"fp32": load_model(args.model, "float32", "cpu").model,
               "bf16": load_model(args.model, "bfloat16", "cpu").model,
               f"int8 ({args.int8_dtype})": load_int8(args.int8_dir, "auto", int8_dtype)[0]}
+    if args.compiled:
+        models.update({f"{k}, compiled": compile_model(m) for k, m in list(models.items())})
     print(f"CPU: {cpu_info()}; torch {torch.__version__}", flush=True)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -54,8 +60,10 @@ def main() -> None:
             for batch in args.batches:
                 x = torch.randint(0, 49000, (batch, args.prompt_len), generator=g)
                 times: dict[str, list[float]] = {k: [] for k in models}
-                for m in models.values():  # warm-up: kernel selection, packing, compilation
+                for k, m in models.items():  # warm-up: kernel selection, packing, compilation
+                    t = time.perf_counter()
                     m(x, use_cache=True, logits_to_keep=1)
+                    print(f"  warm-up {k}: {time.perf_counter() - t:.1f} s", flush=True)
                 for _ in range(args.repeats):
                     for k, m in models.items():
                         t = time.perf_counter()

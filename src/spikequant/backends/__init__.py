@@ -12,8 +12,8 @@ from torch import nn
 
 from spikequant.backends.int8 import (
     DEFAULT_KERNEL,
-    CompiledModel,
     KERNELS,
+    CompiledModel,
     Int8BackendError,
     Int8Linear,
     cast_float_parts,
@@ -82,7 +82,8 @@ def prepare(model: nn.Module, tokenizer: Any, backend: str, source: str, recipe:
 
 
 __all__ = [
-    "BACKENDS", "DEFAULT_KERNEL", "KERNELS", "CompiledModel", "compile_model", "prepare_traced", "Int8BackendError", "Int8Linear", "PreparedModel",
+    "BACKENDS", "DEFAULT_KERNEL", "KERNELS", "CompiledModel", "compile_model", "prepare_traced",
+    "Int8BackendError", "Int8Linear", "PreparedModel",
     "cached_decoding_problem", "cast_float_parts", "check_int8_model", "convert_to_int8", "is_int8_dir",
     "load_int8", "prepare", "save_int8", "weight_bytes",
 ]

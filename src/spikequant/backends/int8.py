@@ -407,7 +407,8 @@ class Int8QuantNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lin = self.linear[0]
-        if torch.compiler.is_compiling() or lin.quant == "eager" or lin.shared is None or x.numel() // x.shape[-1] <= AUTO_SMALL_M:
+        if (torch.compiler.is_compiling() or lin.quant == "eager" or lin.shared is None
+                or x.numel() // x.shape[-1] <= AUTO_SMALL_M):
             return self.unfused_forward(x)
         fn = _compiled_norm_quantize()
         if fn is None:
