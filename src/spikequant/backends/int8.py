@@ -339,10 +339,11 @@ class CompiledModel:
     Each new input shape compiles again (minutes for a 30-layer model on 2 cores): meant for repeated
     calls of one shape (benchmarks, batch serving), not one-off prompts."""
 
-    def __init__(self, model: nn.Module, freezing: bool = True, fullgraph: bool = False) -> None:
+    def __init__(self, model: nn.Module, freezing: bool = True, fullgraph: bool = False,
+                 options: dict[str, Any] | None = None) -> None:
         prepare_traced(model)
         self.model, self.freezing = model, freezing
-        self._fn = torch.compile(model, dynamic=False, fullgraph=fullgraph)
+        self._fn = torch.compile(model, dynamic=False, fullgraph=fullgraph, options=options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config
