@@ -135,6 +135,7 @@ def generate(prepared: PreparedModel, prompt: str, max_new_tokens: int = 32, do_
                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
                            eos_token_id=None if ignore_eos else eos,
                            min_new_tokens=max_new_tokens if ignore_eos else None)
+    warmup_s = None
     if compile:
         if not use_cache:
             raise SpikequantError("--compile compiles the cached decode step; it cannot be combined with --no-cache")
@@ -144,9 +145,7 @@ def generate(prepared: PreparedModel, prompt: str, max_new_tokens: int = 32, do_
         cc = CompileConfig(mode="default", dynamic=False)
         cc._compile_all_devices = True  # transformers compiles on accelerators only unless told
         cfg.cache_implementation, cfg.compile_config = "static", cc
-    warmup_s = None
-    if compile:
-        if do_sample:
+        if do_sample:  # the first compiled generate compiles: run it untimed
             torch.manual_seed(seed)
         t = time.perf_counter()
         prepared.model.generate(**enc, generation_config=cfg)

@@ -255,19 +255,12 @@ class Int8Linear(nn.Module):
                                    "spikequant.backends.compile_model or prepare_traced first")
         m = x.numel() // self.in_features
         if "w" in p and m > AUTO_SMALL_M and inductor_config.freezing:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return torch.ops.onednn.qlinear_pointwise(_quantize_input(x, self.input_scale), p["x_scale"], 0, p["w"],
-                                                      self.weight_scale, p["w_zero"], bias, 1.0, 0, x.dtype,
-                                                      "none", [], "")
+            return self._product(_quantize_input(x, self.input_scale), p, "onednn", x.dtype, x.shape[:-1])
         # Reshaped to 2-D before quantizing: quantizing a (1, 1, K) decode-step input and reshaping the
         # int8 result gave _int_mm a wrongly laid out buffer under inductor (torch 2.13, CPU; wrong
         # products, found by tests/backends/test_generate.py::test_compiled_decoding_generates_what_eager_does).
         qx = _quantize_input(x.reshape(-1, self.in_features), self.input_scale)
-        acc = torch._int_mm(qx, p["w_t"])
-        y = acc * p["rescale"]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._product(qx, p, "int_mm", x.dtype, x.shape[:-1])
 
     def forward_int8(self, qx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The linear on an input already quantized with ``input_scale`` (int8, shape (..., in)); the output
@@ -276,11 +269,17 @@ class Int8Linear(nn.Module):
         kernel = self.kernel
         if kernel == "auto":
             kernel = "int_mm" if qx.numel() // self.in_features <= AUTO_SMALL_M else "onednn"
+        return self._product(qx, p, kernel, dtype, qx.shape[:-1])
+
+    def _product(self, qx: torch.Tensor, p: dict[str, Any], kernel: str, dtype: torch.dtype,
+                 shape: torch.Size) -> torch.Tensor:
+        """The integer product of ``qx`` with the packed weights ``p`` on ``kernel`` (onednn or int_mm), rescaled
+        (+ bias), in ``dtype`` and of shape ``(*shape, out_features)``: shared by the eager and traced paths."""
         if kernel == "onednn":
             bias = None if self.bias is None else self.bias.to(dtype)
-            return torch.ops.onednn.qlinear_pointwise(qx, p["x_scale"], 0, p["w"], self.weight_scale, p["w_zero"],
-                                                      bias, 1.0, 0, dtype, "none", [], "")
-        shape = qx.shape[:-1]
+            y = torch.ops.onednn.qlinear_pointwise(qx, p["x_scale"], 0, p["w"], self.weight_scale, p["w_zero"],
+                                                   bias, 1.0, 0, dtype, "none", [], "")
+            return y.reshape(*shape, self.out_features)
         acc = torch._int_mm(qx.reshape(-1, self.in_features), p["w_t"])
         y = torch.mul(acc, p["rescale"])  # int32 * float32 -> float32, one op
         if self.bias is not None:
@@ -355,9 +354,9 @@ class CompiledModel:
         return getattr(self.__dict__["model"], name)
 
 
-def compile_model(model: nn.Module, freezing: bool = True, fullgraph: bool = False) -> CompiledModel:
+def compile_model(model: nn.Module, **kwargs: Any) -> CompiledModel:
     """The model (float or int8) compiled for repeated forwards; see :class:`CompiledModel`."""
-    return CompiledModel(model, freezing, fullgraph)
+    return CompiledModel(model, **kwargs)
 
 
 class Int8GatedMLP(nn.Module):
