@@ -174,6 +174,7 @@ def provenance_markdown(report: dict[str, Any]) -> str:
         f"- seed: {report['seed']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         f"- CPU: {cpu_line(env)}",
+        *([f"- GPU: {env['cuda']}"] if env.get("cuda") else []),
         f"- command: `{env['command']}`",
         f"- created: {env['created']}",
     ]
