@@ -9,8 +9,9 @@ from tokenizers import Tokenizer, models
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
+import spikequant.backends.int8 as int8_module
 from spikequant.backends import Int8BackendError, Int8Linear, convert_to_int8, load_int8, save_int8, weight_bytes
-from spikequant.backends.int8 import KERNELS
+from spikequant.backends.int8 import KERNELS, onednn_usable
 from spikequant.models.tiny import tiny_model
 from spikequant.pipeline import quantize
 from spikequant.recipes import load_recipe
@@ -88,6 +89,37 @@ def test_kernel_error_is_caught_by_the_reference():
     lin.weight[0, 0] += 1
     lin._packed = None
     assert float((lin(x).double() - ref).abs().max()) > 0.5
+
+
+@pytest.mark.parametrize("usable", ["0", "1"])
+def test_auto_kernel_follows_the_onednn_check(usable, monkeypatch):
+    """Where oneDNN's qlinear is slow on the CPU (onednn_usable false), ``auto`` runs torch._int_mm for
+    prefill-sized inputs too: no qlinear weight is packed, and the output is the int_mm module's, bit for bit."""
+    monkeypatch.setenv("SPIKEQUANT_INT8_ONEDNN", usable)
+    assert onednn_usable() is (usable == "1")
+    auto = Int8Linear(40, 24, kernel="auto", quant="eager")
+    auto.weight.copy_(torch.randint(-128, 128, (24, 40), dtype=torch.int8, generator=torch.Generator().manual_seed(2)))
+    auto.weight_scale.uniform_(1e-3, 1e-2)
+    auto.input_scale.fill_(0.05)
+    int_mm = copy.deepcopy(auto)
+    int_mm.kernel = "int_mm"
+    x = torch.randn(2, 20, 40) * 3  # 40 tokens: above AUTO_SMALL_M, where auto would pick qlinear
+    y = auto(x)
+    assert ("w" in auto._pack()) is (usable == "1")
+    if usable == "0":
+        assert torch.equal(y, int_mm(x))
+
+
+def test_onednn_check_is_a_boolean_decided_once(monkeypatch):
+    monkeypatch.delenv("SPIKEQUANT_INT8_ONEDNN", raising=False)
+    monkeypatch.setattr(int8_module, "_ONEDNN_USABLE", None)
+    first = onednn_usable()
+    assert isinstance(first, bool) and int8_module._ONEDNN_USABLE is first
+    monkeypatch.setattr(torch, "_int_mm", None)  # a second timing would fail: the first answer is kept
+    assert onednn_usable() is first
+    monkeypatch.setenv("SPIKEQUANT_INT8_ONEDNN", "maybe")
+    with pytest.raises(Int8BackendError, match="SPIKEQUANT_INT8_ONEDNN='maybe'"):
+        onednn_usable()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -318,16 +350,19 @@ def _compile_works() -> bool:
     return _compiled_quantize() is not None
 
 
-def test_whole_model_compiled_matches_eager():
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_whole_model_compiled_matches_eager(onednn, monkeypatch):
     """compile_model traces every int8 linear whole (fullgraph: no graph break, so the traced path is what
-    runs): oneDNN's qlinear under freezing for prefill-sized inputs (seen in the profile), _int_mm for a
-    few tokens; the logits are the eager int8 model's up to float rounding, the greedy tokens the same."""
+    runs): oneDNN's qlinear under freezing for prefill-sized inputs (seen in the profile) where the CPU
+    check allows it, else _int_mm (no qlinear call); _int_mm for a few tokens; the logits are the eager int8
+    model's up to float rounding, the greedy tokens the same."""
     from torch.profiler import ProfilerActivity, profile
 
     from spikequant.backends import compile_model
 
     if not _compile_works():
         pytest.skip("torch.compile does not work on this machine (no C++ compiler)")
+    monkeypatch.setenv("SPIKEQUANT_INT8_ONEDNN", onednn)
     model = _quantized()
     convert_to_int8(model)
     small = WINDOWS[:1, :1]  # one token (a decode step): the _int_mm path
@@ -338,7 +373,8 @@ def test_whole_model_compiled_matches_eager():
         with profile(activities=[ProfilerActivity.CPU]) as p:
             compiled(WINDOWS, use_cache=False)
     ops = {e.key: e.count for e in p.key_averages()}
-    assert ops.get("onednn::qlinear_pointwise") == 13, ops  # the 13 int8 linears, none eager
+    # the 13 int8 linears, none eager; or none at all where qlinear is not to be used
+    assert ops.get("onednn::qlinear_pointwise", 0) == (13 if onednn == "1" else 0), ops
     for e, t in zip(eager, traced, strict=True):
         err = float((t - e).abs().max() / e.abs().max())
         assert err < 1e-3, err

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,12 @@ KERNELS = ("auto", "onednn", "int_mm")
 DEFAULT_KERNEL = "auto"
 # "auto": oneDNN's qlinear for prefill-sized inputs, torch._int_mm for decode steps (a few tokens), where
 # qlinear was measured pathologically slow on some shapes here (k/v_proj, 192 x 576: milliseconds per call;
-# docs/inference.md).
+# docs/inference.md); _int_mm for every size on a CPU where qlinear is slow altogether (onednn_usable).
 AUTO_SMALL_M = 16
+# onednn_usable: qlinear must be within this factor of _int_mm on the probe product (plus 0.1 ms); the slow
+# path it was measured falling into on an AMD EPYC (Zen 5, torch 2.13) is ~5,000x slower.
+ONEDNN_SLOWDOWN = 3.0
+_ONEDNN_USABLE: bool | None = None
 # How the float input is quantized for prefill-sized inputs (more than AUTO_SMALL_M tokens): "eager" (four
 # ATen ops: divide, round, clamp, cast: each a pass over memory, as costly as the int8 matmul itself at
 # SmolLM2's sizes), "compiled" (the same expression through torch.compile: one fused loop, identical
@@ -82,6 +87,44 @@ def default_quant_mode() -> str:
     if mode not in QUANT_MODES:
         raise Int8BackendError(f"SPIKEQUANT_INT8_QUANT={mode!r}; choose from {', '.join(QUANT_MODES)}")
     return mode
+
+
+def onednn_usable() -> bool:
+    """Whether ``--kernel auto`` may use oneDNN's qlinear on this CPU, decided once per process by timing it
+    against ``torch._int_mm`` on a probe product (64 x 256 by 256 x 256, best of 3 after a warm-up). On the
+    Intel Xeon with AMX both take microseconds; on an AMD EPYC (Zen 5, AVX512-VNNI, no AMX; torch 2.13)
+    qlinear took 11 s for a 512 x 576 by 576 x 1536 product that ``_int_mm`` did in 1.9 ms (docs/inference.md).
+    ``$SPIKEQUANT_INT8_ONEDNN=1`` / ``0`` decides instead of the timing."""
+    global _ONEDNN_USABLE
+    forced = os.environ.get("SPIKEQUANT_INT8_ONEDNN")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise Int8BackendError(f"SPIKEQUANT_INT8_ONEDNN={forced!r}; use 1 (oneDNN allowed) or 0 (_int_mm only)")
+        return forced == "1"
+    if _ONEDNN_USABLE is None:
+        gen = torch.Generator().manual_seed(0)
+        qx = torch.randint(-128, 128, (64, 256), generator=gen, dtype=torch.int8)
+        w = torch.randint(-128, 128, (256, 256), generator=gen, dtype=torch.int8)
+        try:
+            packed, w_t = torch.ops.onednn.qlinear_prepack(w, None), w.t().contiguous()
+            ws, wz = torch.ones(256), torch.zeros(256, dtype=torch.int64)
+
+            def best(fn: Any) -> float:
+                fn()
+                times = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+                return min(times)
+
+            t_onednn = best(lambda: torch.ops.onednn.qlinear_pointwise(qx, 1.0, 0, packed, ws, wz, None, 1.0, 0,
+                                                                      torch.float32, "none", [], ""))
+            t_int_mm = best(lambda: torch._int_mm(qx, w_t))
+            _ONEDNN_USABLE = t_onednn <= ONEDNN_SLOWDOWN * t_int_mm + 1e-4
+        except (RuntimeError, AttributeError):  # no oneDNN int8 ops in this torch build
+            _ONEDNN_USABLE = False
+    return _ONEDNN_USABLE
 
 
 def _compiled(eager: Any) -> Any | None:
@@ -155,7 +198,8 @@ class Int8Linear(nn.Module):
     ``bias`` (out,) or None. ``kernel``: ``onednn`` (``torch.ops.onednn.qlinear_pointwise`` on a weight
     prepacked once, with the rescale and bias fused; the plain int8 weight is kept for saving),
     ``int_mm`` (``torch._int_mm`` int8 x int8 -> int32, then the rescale in float32), or ``auto``
-    (``int_mm`` for at most ``AUTO_SMALL_M`` tokens, else ``onednn``).
+    (``int_mm`` for at most ``AUTO_SMALL_M`` tokens, else ``onednn``; ``int_mm`` throughout where
+    :func:`onednn_usable` finds qlinear slow on this CPU).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = DEFAULT_KERNEL,
@@ -204,7 +248,7 @@ class Int8Linear(nn.Module):
     def _pack(self) -> dict[str, Any]:
         # Rebuilt when the buffers change identity (load_state_dict, .to()) or the kernels needed change:
         # the cache is derived state.
-        onednn = self.kernel in ("onednn", "auto")
+        onednn = self.kernel == "onednn" or (self.kernel == "auto" and onednn_usable())
         int_mm = self.kernel in ("int_mm", "auto") or self.traced  # traced: int_mm for decode-sized inputs
         key = (self.weight.data_ptr(), self.weight_scale.data_ptr(), self.input_scale.data_ptr(),
                None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype), onednn, int_mm)
@@ -268,7 +312,7 @@ class Int8Linear(nn.Module):
         p = self._pack()
         kernel = self.kernel
         if kernel == "auto":
-            kernel = "int_mm" if qx.numel() // self.in_features <= AUTO_SMALL_M else "onednn"
+            kernel = "int_mm" if qx.numel() // self.in_features <= AUTO_SMALL_M or "w" not in p else "onednn"
         return self._product(qx, p, kernel, dtype, qx.shape[:-1])
 
     def _product(self, qx: torch.Tensor, p: dict[str, Any], kernel: str, dtype: torch.dtype,
