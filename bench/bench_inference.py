@@ -35,7 +35,7 @@ ROWS = {
     "fp32": "float model, float32",
     "bf16": "float model, bfloat16",
     "fake-quant": "W8A8 fake-quant (float32 simulation, the reference)",
-    "int8": "int8 linears (auto: oneDNN qlinear for prefill, _int_mm for decode), float32 elsewhere",
+    "int8": "int8 linears (auto: {prefill} for prefill, _int_mm for decode), float32 elsewhere",
     "int8-bf16": "int8 linears (auto), bfloat16 activations and float modules (stored in bfloat16)",
     "int8-bf16-eager": "as int8-bf16, the input quantization in four eager ops instead of one fused (compiled) loop",
     "int8-onednn": "int8 linears (oneDNN qlinear only), float32 activations and float modules",
@@ -45,8 +45,8 @@ ROWS = {
     # compiled decode step); compilation is timed apart (compile_s in the JSON), never in the rates
     "fp32-compiled": "fp32, compiled (torch.compile: prefill with freezing, decode with a static KV cache)",
     "bf16-compiled": "bf16, compiled (as fp32-compiled)",
-    "int8-compiled": "int8 (float32 elsewhere), compiled: oneDNN qlinear for prefill, _int_mm for decode",
-    "int8-bf16-compiled": "int8-bf16, compiled: oneDNN qlinear for prefill, _int_mm for decode",
+    "int8-compiled": "int8 (float32 elsewhere), compiled: {prefill} for prefill, _int_mm for decode",
+    "int8-bf16-compiled": "int8-bf16, compiled: {prefill} for prefill, _int_mm for decode",
 }
 
 
@@ -100,6 +100,10 @@ def worker(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t
     out: dict = {"backend": args.worker, "load_s": round(load_s, 2), "weight_bytes": weight_bytes(model),
                  "load_before": load_avg()}
+    if name.startswith("int8"):  # which kernel `auto` runs for prefill on this CPU (backends.int8.onednn_usable)
+        from spikequant.backends.int8 import onednn_usable
+
+        out["prefill_kernel"] = "oneDNN qlinear" if onednn_usable() else "torch._int_mm"
     run = model
     if compiled:
         from spikequant.backends import compile_model
@@ -195,7 +199,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         return "–" if v is None else f"{v:.{d}f}"
 
     for r in results:
-        lines.append(f"| {r['backend']} | {ROWS[r['backend']]} | {f(r.get('prefill_b1_tps'))} | "
+        what = ROWS[r["backend"]].format(prefill=r.get("prefill_kernel", "oneDNN qlinear"))
+        lines.append(f"| {r['backend']} | {what} | {f(r.get('prefill_b1_tps'))} | "
                      f"{f(r.get('prefill_b8_tps'))} | {f(r.get('decode_tps'))} | {r['weight_bytes'] / mib:.1f} | "
                      f"{meta['disk'][r['backend']] / mib:.1f} | {r['peak_rss_bytes'] / mib:.0f} | {r['ppl']:.3f} |")
     out = ["\n".join(lines), ""]
