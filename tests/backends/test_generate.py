@@ -139,10 +139,15 @@ def test_compiled_decoding_generates_what_eager_does(tmp_path, capsys):
         pytest.skip("torch.compile does not work on this machine (no C++ compiler)")
     q = _saved(tmp_path)
     eager = generate(load_for_backend(q, "int8"), PROMPT, 8, ignore_eos=True)
-    compiled = generate(load_for_backend(q, "int8"), PROMPT, 8, ignore_eos=True, compile=True)
+    prepared = load_for_backend(q, "int8")
+    compiled = generate(prepared, PROMPT, 8, ignore_eos=True, compile=True)
     assert compiled.new_tokens == eager.new_tokens == 8
     assert compiled.completion == eager.completion
     assert compiled.compiled and compiled.warmup_s > 0 and not eager.compiled
+    # the same shapes again: no second warm-up, the same tokens; another length warms up once more
+    again = generate(prepared, PROMPT, 8, ignore_eos=True, compile=True)
+    assert again.warmup_s == 0.0 and again.completion == eager.completion
+    assert generate(prepared, PROMPT, 5, ignore_eos=True, compile=True).warmup_s > 0
     assert main(["generate", "--model", q, "--backend", "int8", "--prompt", PROMPT, "--max-new-tokens", "3",
                  "--no-progress", "--compile"]) == 0
     assert "decode compiled; first, untimed run" in capsys.readouterr().out.splitlines()[-1]

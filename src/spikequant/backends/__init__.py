@@ -42,6 +42,9 @@ class PreparedModel:
     recipe: str | None = None
     int8_linears: list[str] = field(default_factory=list)
     dtype: torch.dtype = torch.float32
+    # generate(compile=True): the (batch, prompt tokens, new tokens) whose compiled decode step has run once
+    # (the untimed warm-up); a later call with the same shapes reuses the compiled code and skips it
+    compiled_shapes: set[tuple[int, int, int]] = field(default_factory=set)
 
 
 def cached_decoding_problem(model: nn.Module) -> str | None:

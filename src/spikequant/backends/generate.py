@@ -116,7 +116,8 @@ def generate(prepared: PreparedModel, prompt: str, max_new_tokens: int = 32, do_
 
     ``compile``: the decode steps run compiled (transformers' own path: a static KV cache and
     ``torch.compile`` of the one-token forward, enabled on the CPU too; the prompt pass stays eager). The
-    first call compiles (minutes on a small CPU); it runs once untimed (``warmup_s``) before the timed one."""
+    first call compiles (minutes on a small CPU); it runs once untimed (``warmup_s``) before the timed one,
+    and not again for later calls with the same prompt length and ``max_new_tokens`` (``warmup_s`` 0)."""
     from transformers import CompileConfig, GenerationConfig
 
     if not prompt:
@@ -145,11 +146,15 @@ def generate(prepared: PreparedModel, prompt: str, max_new_tokens: int = 32, do_
         cc = CompileConfig(mode="default", dynamic=False)
         cc._compile_all_devices = True  # transformers compiles on accelerators only unless told
         cfg.cache_implementation, cfg.compile_config = "static", cc
-        if do_sample:  # the first compiled generate compiles: run it untimed
-            torch.manual_seed(seed)
-        t = time.perf_counter()
-        prepared.model.generate(**enc, generation_config=cfg)
-        warmup_s = time.perf_counter() - t
+        shapes = (*enc["input_ids"].shape, max_new_tokens)
+        warmup_s = 0.0
+        if shapes not in prepared.compiled_shapes:  # the first compiled generate compiles: run it untimed
+            if do_sample:
+                torch.manual_seed(seed)
+            t = time.perf_counter()
+            prepared.model.generate(**enc, generation_config=cfg)
+            warmup_s = time.perf_counter() - t
+            prepared.compiled_shapes.add(shapes)
     if do_sample:
         torch.manual_seed(seed)
     clock = _Clock()
