@@ -40,7 +40,7 @@ DEFAULT_KERNEL = "auto"
 # docs/inference.md); _int_mm for every size on a CPU where qlinear is slow altogether (onednn_usable).
 AUTO_SMALL_M = 16
 # onednn_usable: qlinear must be within this factor of _int_mm on the probe product (plus 0.1 ms); the slow
-# path it was measured falling into on an AMD EPYC (Zen 5, torch 2.13) is ~5,000x slower.
+# path it was measured falling into on an AMD EPYC (Zen 5, torch 2.13) is 5,000-7,000x slower.
 ONEDNN_SLOWDOWN = 3.0
 _ONEDNN_USABLE: bool | None = None
 # How the float input is quantized for prefill-sized inputs (more than AUTO_SMALL_M tokens): "eager" (four
@@ -93,7 +93,8 @@ def onednn_usable() -> bool:
     """Whether ``--kernel auto`` may use oneDNN's qlinear on this CPU, decided once per process by timing it
     against ``torch._int_mm`` on a probe product (64 x 256 by 256 x 256, best of 3 after a warm-up). On the
     Intel Xeon with AMX both take microseconds; on an AMD EPYC (Zen 5, AVX512-VNNI, no AMX; torch 2.13)
-    qlinear took 11 s for a 512 x 576 by 576 x 1536 product that ``_int_mm`` did in 1.9 ms (docs/inference.md).
+    qlinear took 0.9-7.5 s per 512-token product of SmolLM2's shapes that ``_int_mm`` did in 0.13-1.1 ms
+    (docs/inference.md, section "On an AMD EPYC"). Runs eagerly (``prepare_traced`` packs before tracing).
     ``$SPIKEQUANT_INT8_ONEDNN=1`` / ``0`` decides instead of the timing."""
     global _ONEDNN_USABLE
     forced = os.environ.get("SPIKEQUANT_INT8_ONEDNN")
