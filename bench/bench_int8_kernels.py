@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +112,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 512, 4096])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--compile", action="store_true", help="also time torchao under torch.compile (slow to build)")
+    ap.add_argument("--qlinear", choices=["auto", "yes", "no"], default="auto",
+                    help="time oneDNN's qlinear (auto: where backends.int8.onednn_usable finds it usable here; "
+                         "on a CPU where it is not, one product takes seconds)")
     args = ap.parse_args()
+    if args.qlinear == "auto":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+        from spikequant.backends.int8 import onednn_usable
+
+        args.qlinear = "yes" if onednn_usable() else "no"
+        if args.qlinear == "no":
+            print("oneDNN qlinear is slow on this CPU (backends.int8.onednn_usable): not timed (--qlinear yes forces)")
     torch.manual_seed(0)
     import os
 
@@ -120,6 +132,8 @@ def main() -> None:
         w, b = torch.randn(n, k) * 0.05, torch.randn(n) * 0.01
         x_scale = 4.0 / 127
         fns = candidates(w, b, x_scale)
+        if args.qlinear == "no":
+            fns = {name: fn for name, fn in fns.items() if "qlinear" not in name}
         if args.compile and "torchao Int8Static (eager)" in fns:
             fns["torchao Int8Static (compiled)"] = torch.compile(fns["torchao Int8Static (eager)"])
         for m in args.tokens:
