@@ -1,6 +1,8 @@
 """One product per kernel at SmolLM2-135M's linear shapes: float32 and bfloat16 ``F.linear`` against
 ``torch._int_mm`` (and, with ``--qlinear``, oneDNN's ``qlinear_pointwise``, which can be very slow on some
-CPUs: see backends.int8.onednn_usable). Microseconds, best of ``--repeats``, weights prepared once.
+CPUs: see backends.int8.onednn_usable). Microseconds per product, weights prepared once; shapes and timer
+(median of ``--repeats`` batches of calls) from bench_int8_kernels.py, which times whole int8 linears
+(quantize + product + rescale) instead.
 
     PYTHONPATH=src python bench/gemm_int8_vs_float.py --tokens 512 4096 1 --threads 2
 """
@@ -8,22 +10,15 @@ CPUs: see backends.int8.onednn_usable). Microseconds, best of ``--repeats``, wei
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"q/o_proj": (576, 576), "k/v_proj": (192, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536)}
+from bench_int8_kernels import SHAPES, timeit
 
 
-def best_us(fn, args: tuple, repeats: int) -> float:
-    fn(*args)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t)
-    return 1e6 * min(times)
+def us(fn, args: tuple, repeats: int) -> float:
+    return 1e6 * timeit(lambda: fn(*args), repeats)
 
 
 def main() -> None:
@@ -36,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     cols = ["fp32", "bf16", "int8 _int_mm"] + (["int8 oneDNN qlinear"] if args.qlinear else [])
-    print(f"{args.threads} threads, torch {torch.__version__}, microseconds per product (best of {args.repeats})")
+    print(f"{args.threads} threads, torch {torch.__version__}, microseconds per product (median of {args.repeats})")
     print("| linear (N x K) | tokens | " + " | ".join(cols) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in cols) + " |")
     for m in args.tokens:
@@ -46,13 +41,13 @@ def main() -> None:
             qx = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
             qw = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
             qw_t = qw.t().contiguous()
-            row = [best_us(F.linear, (x, w), args.repeats), best_us(F.linear, (xb, wb), args.repeats),
-                   best_us(torch._int_mm, (qx, qw_t), args.repeats)]
+            row = [us(F.linear, (x, w), args.repeats), us(F.linear, (xb, wb), args.repeats),
+                   us(torch._int_mm, (qx, qw_t), args.repeats)]
             if args.qlinear:
                 packed = torch.ops.onednn.qlinear_prepack(qw, None)
                 ws, wz = torch.ones(n), torch.zeros(n, dtype=torch.int64)
-                row.append(best_us(torch.ops.onednn.qlinear_pointwise, (qx, 1.0, 0, packed, ws, wz, None, 1.0, 0,
-                                                                        torch.float32, "none", [], ""), 1))
+                row.append(us(torch.ops.onednn.qlinear_pointwise, (qx, 1.0, 0, packed, ws, wz, None, 1.0, 0,
+                                                                   torch.float32, "none", [], ""), 1))
             print(f"| {name} {n}x{k} | {m} | " + " | ".join(f"{v:.0f}" for v in row) + " |")
 
 

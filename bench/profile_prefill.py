@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--int8-dir", help="an int8 checkpoint (spikequant generate --save-int8) for the int8 rows")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--attention", action="store_true", help="also time SDPA alone (SmolLM2's 9 / 3 heads of 64)")
+    ap.add_argument("--attention", action="store_true", help="also time SDPA alone at the model's head sizes")
     args = ap.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
@@ -42,7 +42,8 @@ def main() -> None:
     else:
         model = load_model("smollm2-135m", args.backend, "cpu").model
     run = compile_model(model)
-    x = torch.randint(0, 40000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
+    cfg = model.config
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         run(x, use_cache=True, logits_to_keep=1)
         t = time.perf_counter()
@@ -53,20 +54,17 @@ def main() -> None:
             run(x, use_cache=True, logits_to_keep=1)
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     if args.attention:
+        from bench_int8_kernels import timeit
+
         gen = torch.Generator().manual_seed(1)
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        shape = (args.batch, heads, args.tokens, head_dim)  # k/v already repeated to every query head
         for dtype in (torch.float32, torch.bfloat16):
-            q = torch.randn(args.batch, 9, args.tokens, 64, generator=gen).to(dtype)
-            k, v = (torch.randn(args.batch, 9, args.tokens, 64, generator=gen).to(dtype) for _ in range(2))
+            q, k, v = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
             for causal in (True, False):
-                F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                best = min(_timed(q, k, v, causal) for _ in range(5))
-                print(f"SDPA alone, {dtype}, is_causal={causal}: {1000 * best:.1f} ms per layer")
-
-
-def _timed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> float:
-    t = time.perf_counter()
-    F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return time.perf_counter() - t
+                t = timeit(lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c), 5)
+                print(f"SDPA alone, {dtype}, is_causal={causal}: {1000 * t:.1f} ms per layer")
 
 
 if __name__ == "__main__":

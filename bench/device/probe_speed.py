@@ -39,7 +39,7 @@ def main() -> None:
     quantize(model, recipe, lambda: calibration_windows(ids, recipe.calibration.seqlen,
                                                         recipe.calibration.num_samples, recipe.seed), progress=False)
     out = {"device": str(dev), "name": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
-           "recipe": args.recipe, "torch": torch.__version__, "ms": {}}
+           "recipe": args.recipe, "torch": torch.__version__, "layers": model.config.num_hidden_layers, "ms": {}}
     for n, s in args.shape or [(1, 512), (2, 2048)]:
         x = ids[: n * s].reshape(n, s).to(dev)
         times = []

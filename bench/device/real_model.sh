@@ -21,13 +21,13 @@ left() { echo $((DEADLINE - $(date +%s))); }
 step demo 150 "${SQ[@]}" demo --model $M --device cuda --data-dir $D --no-progress --output $R/demo
 step probe 90 sh -c "python3 bench/device/probe_speed.py --model $M --device cuda --data-dir $D --shape 1 2048 --shape 2 2048 --shape 4 2048 > $R/probe.json"
 cat $R/probe.json | tee -a "$OUT/summary.txt"
-# Exact-mode cost: 30 layers x 8 slots x (1 + T) whole-model passes; choose the calibration windows (of
+# Exact-mode cost: layers x 8 slots x (1 + T) whole-model passes; choose the calibration windows (of
 # 2048 tokens, as the authors) so that one search fits in about 40 % of the time left (two searches + eval).
 pick() { python3 - "$1" "$2" <<'PY'
 import json, sys
-ms = json.load(open("/tmp/runs/probe.json"))["ms"]; budget = float(sys.argv[1]); T = int(sys.argv[2])
+probe = json.load(open("/tmp/runs/probe.json")); budget = float(sys.argv[1]); T = int(sys.argv[2])
 for w in (4, 2, 1):
-    if 30 * 8 * (1 + T) * ms[f"{w}x2048"] / 1000 <= budget:
+    if probe["layers"] * 8 * (1 + T) * probe["ms"][f"{w}x2048"] / 1000 <= budget:
         print(w); break
 else:
     print(0)

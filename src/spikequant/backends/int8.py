@@ -93,9 +93,9 @@ def onednn_usable() -> bool:
     """Whether ``--kernel auto`` may use oneDNN's qlinear on this CPU, decided once per process by timing it
     against ``torch._int_mm`` on a probe product (64 x 256 by 256 x 256, best of 3 after a warm-up). On the
     Intel Xeon with AMX both take microseconds; on an AMD EPYC (Zen 5, AVX512-VNNI, no AMX; torch 2.13)
-    qlinear took 0.9-7.5 s per 512-token product of SmolLM2's shapes that ``_int_mm`` did in 0.13-1.1 ms
-    (docs/inference.md, section "On an AMD EPYC"). Runs eagerly (``prepare_traced`` packs before tracing).
-    ``$SPIKEQUANT_INT8_ONEDNN=1`` / ``0`` decides instead of the timing."""
+    qlinear took about a second or more per 512-token product of SmolLM2's shapes that ``_int_mm`` did in
+    about a millisecond (docs/inference.md, section "On an AMD EPYC"). Runs eagerly (``prepare_traced``
+    packs before tracing). ``$SPIKEQUANT_INT8_ONEDNN=1`` / ``0`` decides instead of the timing."""
     global _ONEDNN_USABLE
     forced = os.environ.get("SPIKEQUANT_INT8_ONEDNN")
     if forced is not None:
