@@ -58,13 +58,23 @@ def quality_table(runs: list[str]) -> str:
         test = r.get("test") or {}
         c1, g = test.get("clip1") or {}, test.get("gbs") or {}
         rows.append(
-            f"| {Path(run).name} | {r['recipe']['name']} | {cfg['mode']} ({cfg['objective']}) | "
+            f"| {Path(run).name} | {r['recipe']['name']} | {cfg['mode']} ({objective_label(cfg)}) | "
             f"{cal['windows']}×{cal['seqlen']} | {cfg['layers'] or 'all'} | {cfg['iterations']} | {res['probes']} | "
             f"{_f(block_equivalents(res), 0)} | {_f(res['search_seconds'], 0)} | "
             f"{_f(res['extra'].get('calib_ppl_clip1'))} → {_f(res['calib_ppl'])} | "
             f"{_f(c1.get('ppl'))} → {_f(g.get('ppl'))} | {_f(c1.get('kl'), 3)} → {_f(g.get('kl'), 3)} | "
             f"{_f(c1.get('top1'), 3)} → {_f(g.get('top1'), 3)} |")
     return "\n".join(rows)
+
+
+def objective_label(cfg: dict[str, Any]) -> str:
+    """The fast run's objective as run: racing and precision where set (ours)."""
+    out = cfg["objective"]
+    if cfg.get("race"):
+        out += f", race z = {cfg['race']:g} (min {cfg.get('race_min', 2)} batches)"
+    if cfg.get("precision", "float32") != "float32":
+        out += f", {cfg['precision']}"
+    return out
 
 
 def pair_table(pairs: list[tuple[str, str]]) -> str:
@@ -78,7 +88,7 @@ def pair_table(pairs: list[tuple[str, str]]) -> str:
                 raise SystemExit(f"{e_dir} and {f_dir} differ in calibration {key}: not a pair")
         diff = (f["calib_ppl"] - e["calib_ppl"]) / e["calib_ppl"]
         rows.append(
-            f"| {Path(e_dir).name} | {Path(f_dir).name} | {f['config']['objective']} | "
+            f"| {Path(e_dir).name} | {Path(f_dir).name} | {objective_label(f['config'])} | "
             f"{e['search_seconds'] / f['search_seconds']:.1f} | "
             f"{block_equivalents(e) / block_equivalents(f):.1f} | {e['calib_ppl']:.3f} | {f['calib_ppl']:.3f} | "
             f"{100 * diff:+.2f} % | {'yes' if e['ratios'] == f['ratios'] else 'no'} |")

@@ -19,6 +19,8 @@ from spikequant.algorithms.gbs import (
     gbs_search,
     next_probe,
     plot_heatmap,
+    race_decision,
+    step,
 )
 from spikequant.errors import RecipeError, SpikequantError
 from spikequant.models.tiny import tiny_model
@@ -219,8 +221,9 @@ qm, _ = quantize(model, load_recipe("norot-w4a4kv4"), windows, progress=False)
 def on_probe(event, n):
     if event == kill_event and n == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-res = gbs_search(qm, windows, GBSConfig(mode, iterations=3), state_path=out + "/state.json", progress=False,
-                 on_probe=on_probe)
+config = GBSConfig(mode, iterations=3) if mode != "race" else GBSConfig("fast", iterations=3, batch_size=1,
+                                                                       race=0.5, precision="bfloat16")
+res = gbs_search(qm, windows, config, state_path=out + "/state.json", progress=False, on_probe=on_probe)
 save_ratio_file(res.ratios, out + "/ratios.json")
 """
 
@@ -235,6 +238,7 @@ def _run(tmp: Path, mode: str, kill_event: str = "never", kill_at: int = 0) -> i
 @pytest.mark.parametrize("mode,kills,twice", [
     ("exact", [("evaluated", 1), ("saved", 17)], False),  # first slot (before its first save), mid-slot
     ("fast", [("evaluated", 30), ("saved", 64)], True),  # mid-search, at the last probe of a layer
+    ("race", [("evaluated", 2), ("saved", 20)], False),  # racing, mid-slot: m's batches are in the state
 ])
 def test_sigkill_then_resume_gives_identical_ratios(tmp_path, mode, kills, twice):
     """SIGKILL right after a probe was evaluated (its state not yet saved) or right after a save; every
@@ -311,3 +315,78 @@ def test_horizon_runs_the_following_layers_and_the_last_layer_stops_at_the_model
     assert one.slots[0].probes[0][1] != res.slots[0].probes[0][1]  # measured two layers on: another value
     with pytest.raises(ValueError, match="horizon"):
         GBSConfig(horizon=0)
+
+
+def test_step_is_the_accept_rule():
+    for a, m, b, x in [(0.0, 0.5, 1.0, 0.25), (0.0, 0.5, 1.0, 0.75), (0.25, 0.5, 0.75, 0.375)]:
+        for fx, fm in [(1.0, 2.0), (2.0, 1.0)]:
+            assert step(a, m, b, x, fx < fm) == accept(a, m, b, fm, x, fx)[:3]
+
+
+def test_race_decision_is_a_paired_t_test():
+    import statistics
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        n = int(torch.randint(1, 8, (1,), generator=g))
+        dx = (torch.randn(n, generator=g) * 0.1 + 5).tolist()
+        shift = float(torch.randn(1, generator=g)) * 0.05
+        dm = (torch.tensor(dx) + torch.randn(n, generator=g) * 0.05 + shift).tolist()
+        got = race_decision(dx, dm, 2.0, 2, 8)
+        if n < 2:
+            assert got is None
+            continue
+        d = [u - v for u, v in zip(dx, dm, strict=True)]
+        t = statistics.mean(d) / (statistics.stdev(d) / n ** 0.5)
+        assert got == (None if abs(t) <= 2.0 else t < 0)
+    assert race_decision([1.0, 2.0], [3.0, 4.0], 2.0, 2, 2) is None  # every batch seen: the caller's sums decide
+
+
+def test_race_with_an_unreachable_threshold_is_exact_mode():
+    windows = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(5))
+    _, qm1 = _quantized()
+    exact = gbs_search(qm1, windows, GBSConfig("exact", iterations=3, batch_size=1), progress=False)
+    _, qm2 = _quantized()
+    race = gbs_search(qm2, windows, GBSConfig("fast", iterations=3, batch_size=1, race=1e9), progress=False)
+    assert race.ratios == exact.ratios and race.calib_ppl == pytest.approx(exact.calib_ppl, rel=1e-9)
+    assert all(s.batches == [4, 4, 4] for s in race.slots)
+    for s, t in zip(exact.slots, race.slots, strict=True):  # the same probes, f on every batch
+        assert [p[0] for p in s.probes[1:]] == [p[0] for p in t.probes]
+        assert [p[1] for p in s.probes[1:]] == pytest.approx([p[1] for p in t.probes], rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_race_stops_early_and_leaves_the_weights_as_they_were(precision):
+    windows = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(6))
+    model, qm = _quantized(layers=3)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    full = gbs_search(_quantized(layers=3)[1], windows, GBSConfig("fast", "ppl", iterations=3, batch_size=1),
+                      progress=False)
+    race = gbs_search(qm, windows, GBSConfig("fast", iterations=3, batch_size=1, race=1.0, precision=precision),
+                      progress=False)
+    used = [n for s in race.slots for n in s.batches]
+    assert len(used) == 24 * 3 and all(2 <= n <= 6 for n in used) and min(used) < 6
+    assert race.layer_forwards < full.layer_forwards
+    assert race.calib_ppl < calibration_ppl(_quantized(layers=3)[0], windows)  # below clip 1.0
+    for n, p in model.named_parameters():  # the bfloat16 copies were swapped out again
+        assert p.dtype == weights[n].dtype and torch.equal(p, weights[n]), n
+    index = activation_quantizers(qm)
+    for s in race.slots:
+        assert all(q.spec.clip_ratio == s.ratio for q in index[(s.layer, s.key)])
+
+
+def test_race_and_precision_config_errors():
+    with pytest.raises(ValueError, match="race"):
+        GBSConfig("exact", race=2.0)
+    with pytest.raises(ValueError, match="race"):
+        GBSConfig("fast", "layer", race=2.0)
+    with pytest.raises(ValueError, match="race_min"):
+        GBSConfig("fast", race=2.0, race_min=1)
+    with pytest.raises(ValueError, match="race must be"):
+        GBSConfig("fast", race=-1.0)
+    with pytest.raises(ValueError, match="precision"):
+        GBSConfig("fast", precision="float16")
+    with pytest.raises(ValueError, match="precision bfloat16"):
+        GBSConfig("fast", precision="bfloat16")  # objective layer
+    assert GBSConfig("fast", race=2.0).resolved_objective == "ppl"
+    assert isinstance(modifier_from_dict({"type": "gbs", "race": 2.0, "precision": "bfloat16"}, "m"), GBS)

@@ -76,6 +76,7 @@ OBJECTIVES = ("layer", "ppl")
 # this slot's quantization adds. On SmolLM2 "slot" agreed more often with exact mode's single decisions
 # but ended further from it (it settles near the MSE-optimal ratio everywhere; docs/gbs.md).
 REFERENCES = ("float", "slot")
+PRECISIONS = ("float32", "bfloat16")
 STATE_VERSION = 1
 
 
@@ -93,9 +94,20 @@ class GBSConfig:
     batch_size: int = 4
     horizon: int = 1  # objective "layer": measure the error this many layers on (1: the slot's own block)
     reference: str = "float"  # objective "layer": see REFERENCES
+    # objective "ppl" only: decide f(x) < f(m) batch by batch and stop as soon as the mean per-token NLL
+    # difference over the batches seen (at least race_min) is more than race standard errors from 0; 0: off
+    race: float = 0.0
+    race_min: int = 2
+    # objective "ppl" in fast mode: run the probes' forward under torch.autocast(bfloat16) (ours; the
+    # cached layer inputs and the final calibration PPL stay in the model's dtype)
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         require_positive_int(self.horizon, "horizon")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "float32" and (self.mode != "fast" or self.resolved_objective != "ppl"):
+            raise ValueError("precision bfloat16 applies to fast mode's ppl objective only")
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
         if self.mode not in MODES:
@@ -111,10 +123,19 @@ class GBSConfig:
         if self.layers is not None:
             require_positive_int(self.layers, "layers")
         require_positive_int(self.batch_size, "batch_size")
+        if isinstance(self.race, bool) or not isinstance(self.race, (int, float)) or not 0 <= self.race < math.inf:
+            raise ValueError(f"race must be a number >= 0 (0: off), got {self.race!r}")
+        require_positive_int(self.race_min, "race_min")
+        if self.race and (self.mode != "fast" or self.objective not in (None, "ppl")):
+            raise ValueError("race decides on the perplexity: it needs mode fast (objective ppl, implied)")
+        if self.race and self.race_min < 2:
+            raise ValueError(f"race_min must be >= 2 (a standard error needs two batches), got {self.race_min}")
 
     @property
     def resolved_objective(self) -> str:
-        return "ppl" if self.mode == "exact" else (self.objective or "layer")
+        if self.mode == "exact" or self.race:
+            return "ppl"
+        return self.objective or "layer"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "objective": self.resolved_objective}
@@ -127,20 +148,35 @@ def next_probe(a: float, m: float, b: float, iteration: int) -> float:
     return (a + m) / 2 if iteration % 2 == 0 else (m + b) / 2
 
 
-def accept(a: float, m: float, b: float, fm: float, x: float, fx: float) -> tuple[float, float, float, float]:
+def step(a: float, m: float, b: float, x: float, better: bool) -> tuple[float, float, float]:
     """The accept rule: a better x becomes m and the interval keeps x's side of the old m; a worse x cuts
-    its own side off. Returns the new (a, m, b, fm)."""
-    if fx < fm:
-        if x < m:
-            b = m
-        else:
-            a = m
-        return a, x, b, fx
-    if x < m:
-        a = x
-    else:
-        b = x
-    return a, m, b, fm
+    its own side off. Returns the new (a, m, b)."""
+    if better:
+        return (a, x, m) if x < m else (m, x, b)
+    return (x, m, b) if x < m else (a, m, x)
+
+
+def accept(a: float, m: float, b: float, fm: float, x: float, fx: float) -> tuple[float, float, float, float]:
+    """``step`` with the code's test, f(x) < f(m). Returns the new (a, m, b, fm)."""
+    better = fx < fm
+    a, m, b = step(a, m, b, x, better)
+    return a, m, b, fx if better else fm
+
+
+def race_decision(dx: list[float], dm: list[float], z: float, n_min: int, n_all: int) -> bool | None:
+    """The racing test on per-batch mean NLLs of x and m seen so far (equal length, in batch order):
+    True (x better) / False when the mean difference is more than ``z`` standard errors from 0 after at
+    least ``n_min`` batches; None (undecided) before, and with every batch seen the caller compares the sums
+    (the exact rule)."""
+    n = len(dx)
+    if n < n_min or n >= n_all:
+        return None
+    d = [u - v for u, v in zip(dx, dm, strict=True)]
+    mean = sum(d) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n)
+    if abs(mean) > z * se:
+        return mean < 0
+    return None
 
 
 # --- state on disk ------------------------------------------------------------------------------------
@@ -167,8 +203,9 @@ class SlotResult:
     key: str
     ratio: float
     objective: float
-    probes: list[list[float]]  # [x, f(x)] in evaluation order
+    probes: list[list[float]]  # [x, f(x)] in evaluation order (racing: f over the batches it was run on)
     seconds: float
+    batches: list[int] | None = None  # racing: how many batches each decision used
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -330,6 +367,7 @@ class _Search:
         self._cache: dict[str, Any] = {}
         self.source = layer_source(self.model)  # None in memory
         self._held: set[int] = set()
+        self._bf16: dict[int, torch.Tensor] | None = None  # precision bfloat16: the linears' weights, cast once
         # each slot's ratios before the search touches it: the V cache (quantized throughout) keeps its own
         # while its slot is switched off for objective "layer"'s reference "slot"
         self.initial = {id(q): q.spec.clip_ratio for qs in self.index.values() for q in qs}
@@ -347,8 +385,11 @@ class _Search:
         except json.JSONDecodeError:
             raise SpikequantError(f"gbs: state file {self.state_path} is not valid JSON") from None
         mine = self.identity()
-        if isinstance(state.get("config"), dict):  # written before the reference option: its only behaviour
+        if isinstance(state.get("config"), dict):  # written before these options: their only behaviour
             state["config"].setdefault("reference", "float")
+            state["config"].setdefault("race", 0.0)
+            state["config"].setdefault("race_min", 2)
+            state["config"].setdefault("precision", "float32")
         for key in mine:
             if state.get(key) != mine[key]:
                 raise SpikequantError(f"gbs: state file {self.state_path} was written by a different search "
@@ -458,18 +499,53 @@ class _Search:
             # layer by layer over all batches (each batch's operations are those of a batch-by-batch loop),
             # so a streamed model reads each layer once per probe
             ys = [h for h, _ in hs]
-            for j in range(layer, len(self.layers)):
-                with loaded_layer(self.model, j):
-                    ys = [_run_layer(self.layers[j], y, kw) for y, (_, kw) in zip(ys, hs, strict=True)]
             nll, count = 0.0, 0
-            for y, batch in zip(ys, self.batches, strict=True):
-                nll += _nll_of_hidden(self.model, y, batch)
-                count += batch[:, 1:].numel()
+            with self.probe_precision():
+                for j in range(layer, len(self.layers)):
+                    with loaded_layer(self.model, j):
+                        ys = [_run_layer(self.layers[j], y, kw) for y, (_, kw) in zip(ys, hs, strict=True)]
+                for y, batch in zip(ys, self.batches, strict=True):
+                    nll += _nll_of_hidden(self.model, y, batch)
+                    count += batch[:, 1:].numel()
             self.layer_forwards += len(self.windows) * (len(self.layers) - layer)
             return math.exp(nll / count)
         last = min(layer + self.config.horizon, len(self.layers)) - 1
         with self.loaded(range(layer, last + 1)):
             return self.block_error(layer, key, hs, last)
+
+    def batch_nll(self, layer: int, k: int) -> float:
+        """Racing: the summed NLL of calibration batch ``k`` in the current state, from the cached inputs of
+        ``layer`` through the rest of the model (the same operations as objective ppl on that batch)."""
+        y, kw = self.layer_inputs(layer, "q")[k]
+        with self.probe_precision():
+            for j in range(layer, len(self.layers)):
+                with loaded_layer(self.model, j):
+                    y = _run_layer(self.layers[j], y, kw)
+            self.layer_forwards += len(self.batches[k]) * (len(self.layers) - layer)
+            return _nll_of_hidden(self.model, y, self.batches[k])
+
+    @contextmanager
+    def probe_precision(self) -> Iterator[None]:
+        """Precision "bfloat16": torch.autocast to bfloat16, with the linears' (already fake-quantized)
+        weights swapped for bfloat16 copies made once (autocast would cast them on every call); in memory
+        only, a streamed model's layers are cast per call. Float32: nothing."""
+        if self.config.precision != "bfloat16":
+            yield
+            return
+        params: dict[int, nn.Parameter] = {}
+        if self.source is None:
+            params = {id(m.weight): m.weight for m in self.model.modules() if isinstance(m, nn.Linear)}
+            if self._bf16 is None:
+                self._bf16 = {k: p.detach().to(torch.bfloat16) for k, p in params.items()}
+        saved = {k: p.data for k, p in params.items()}
+        try:
+            for k, p in params.items():
+                p.data = self._bf16[k]
+            with torch.autocast(next(self.model.parameters()).device.type, dtype=torch.bfloat16):
+                yield
+        finally:
+            for k, p in params.items():
+                p.data = saved[k]
 
     def block_error(self, layer: int, key: str, hs: list[tuple[torch.Tensor, dict]], last: int) -> float:
         """Objective "layer": the searched slot's own block (attention or MLP) of layer l, against a reference
@@ -544,6 +620,14 @@ class _Search:
                 self._cache[("ref", nxt)] = self.run_layer(layer, self._cache[("ref", layer)], "ref")
         self._cache = {k: v for k, v in self._cache.items() if k == "h0" or k[1] == nxt}
 
+    def record(self, st: dict[str, Any], x: float, fx: float) -> float:
+        """Count a probe of the current slot and add [x, f(x)] to its state."""
+        self.probes += 1
+        if self.on_probe is not None:
+            self.on_probe("evaluated", self.probes)
+        st["probes"].append([x, fx])
+        return fx
+
     def search_slot(self, n: int, st: dict[str, Any], done: list[SlotResult], bar: Any, t0: float,
                     seconds0: float) -> SlotResult:
         """Bisection of one slot from its state ``st`` (fresh, or as saved), saving after every probe."""
@@ -553,12 +637,7 @@ class _Search:
 
         def probe(x: float) -> float:
             self.set_slot(layer, key, x)
-            fx = self.objective(layer, key)
-            self.probes += 1
-            if self.on_probe is not None:
-                self.on_probe("evaluated", self.probes)
-            st["probes"].append([x, fx])
-            return fx
+            return self.record(st, x, self.objective(layer, key))
 
         def save() -> None:
             self.seconds = seconds0 + time.perf_counter() - t0
@@ -569,6 +648,8 @@ class _Search:
             bar.update(1)
             bar.set_postfix_str(f"layer {layer} {key} ({n + 1}/{len(self.plan)}) m={st['m']:.4f} f={st['fm']:.5g}")
 
+        if cfg.race:
+            return self.race_slot(st, save, t_slot, prior)
         if st["fm"] is None:
             st["fm"] = probe(st["m"])
             save()
@@ -580,6 +661,56 @@ class _Search:
             save()
         self.set_slot(layer, key, st["m"])
         return SlotResult(layer, key, st["m"], st["fm"], st["probes"], prior + time.perf_counter() - t_slot)
+
+    def race_slot(self, st: dict[str, Any], save: Callable[[], None], t_slot: float,
+                  prior: float) -> SlotResult:
+        """The bisection with racing decisions: each probe x runs batch by batch against m (m's batches
+        are computed when a decision first needs them, then kept in ``st["nll"]``, so a resumed run has
+        them too) and stops once ``race_decision`` is sure; with every batch seen, the exact rule on the
+        sums. ``probes`` records f over the batches each ratio was run on."""
+        cfg, layer, key = self.config, st["layer"], st["key"]
+        n_all = len(self.batches)
+        tokens = [b[:, 1:].numel() for b in self.batches]
+        nll: dict[str, list[float | None]] = st.setdefault("nll", {})
+        used: list[int] = st.setdefault("batches", [])
+
+        def unit(r: float, k: int) -> float:
+            row = nll.setdefault(repr(r), [None] * n_all)
+            if row[k] is None:
+                self.set_slot(layer, key, r)
+                row[k] = self.batch_nll(layer, k)
+            return row[k]
+
+        def ppl(r: float) -> float:
+            seen = [k for k, v in enumerate(nll[repr(r)]) if v is not None]
+            return math.exp(sum(nll[repr(r)][k] for k in seen) / sum(tokens[k] for k in seen))
+
+        while st["b"] - st["a"] > cfg.epsilon and st["iteration"] < cfg.iterations:
+            x, m = next_probe(st["a"], st["m"], st["b"], st["iteration"]), st["m"]
+            dx: list[float] = []
+            dm: list[float] = []
+            better = None
+            for k in range(n_all):
+                dx.append(unit(x, k) / tokens[k])
+                dm.append(unit(m, k) / tokens[k])
+                better = race_decision(dx, dm, cfg.race, cfg.race_min, n_all)
+                if better is not None:
+                    break
+            if better is None:  # every batch seen: the exact rule on the sums
+                better = sum(nll[repr(x)]) < sum(nll[repr(m)])
+            self.record(st, x, ppl(x))
+            used.append(len(dx))
+            st["a"], st["m"], st["b"] = step(st["a"], m, st["b"], x, better)
+            st["fm"] = ppl(st["m"])
+            st["iteration"] += 1
+            save()
+        if repr(st["m"]) not in nll:  # no iteration ran: f(m) on every batch, as exact mode's first probe
+            for k in range(n_all):
+                unit(st["m"], k)
+            st["fm"] = ppl(st["m"])
+        self.set_slot(layer, key, st["m"])
+        return SlotResult(layer, key, st["m"], st["fm"], st["probes"], prior + time.perf_counter() - t_slot,
+                          list(used))
 
     # the loop -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -601,7 +732,7 @@ class _Search:
         for s in done:
             self.set_slot(s.layer, s.key, s.ratio)
         finished = {(s.layer, s.key) for s in done}
-        total = len(self.plan) * (1 + cfg.iterations)
+        total = len(self.plan) * (cfg.iterations + (0 if cfg.race else 1))  # racing: m runs inside decisions
         bar = tqdm(total=total, initial=min(total, self.probes), desc=f"gbs {cfg.mode}", unit="probe",
                    disable=not self.progress)
         t0 = time.perf_counter()
@@ -689,9 +820,12 @@ def plot_heatmap(ratios: Ratios, n_layers: int, path: str | Path, title: str = "
 def report_markdown(report: dict[str, Any]) -> str:
     r = report["result"]
     cfg = r["config"]
+    race = f"{cfg['race']:g} (min {cfg['race_min']} batches)" if cfg.get("race") else "off"
     lines = [f"# GBS search: {report.get('recipe', {}).get('name', '?')} on {report.get('model', '?')}", "",
              f"mode {cfg['mode']}, objective {cfg['objective']}, iterations {cfg['iterations']}, "
-             f"epsilon {cfg['epsilon']}, reverse {cfg['reverse']}, layers {cfg['layers'] or 'all'}; "
+             f"epsilon {cfg['epsilon']}, reverse {cfg['reverse']}, layers {cfg['layers'] or 'all'}, "
+             f"race {race}, "
+             f"precision {cfg.get('precision', 'float32')}; "
              f"calibration {r['windows']} x {r['seqlen']} tokens", "",
              f"- probes: {r['probes']}; decoder-layer forwards (per window): {r['layer_forwards']} whole layers, "
              f"{r['sublayer_forwards']['attention']} attention blocks, {r['sublayer_forwards']['mlp']} MLP blocks",
@@ -699,10 +833,12 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"- calibration PPL at the end of the search: {r['calib_ppl']:.4f}"]
     for k, v in r.get("extra", {}).items():
         lines.append(f"- {k}: {v}")
-    lines += ["", "| layer | slot | ratio | objective | probes | s |", "|---:|---|---:|---:|---:|---:|"]
+    lines += ["", "| layer | slot | ratio | objective | probes | batches per decision | s |",
+              "|---:|---|---:|---:|---:|---|---:|"]
     for s in r["slots"]:
+        used = ", ".join(map(str, s["batches"])) if s.get("batches") is not None else "all"
         lines.append(f"| {s['layer']} | {s['key']} | {s['ratio']:.4f} | {s['objective']:.6g} | "
-                     f"{len(s['probes'])} | {s['seconds']:.1f} |")
+                     f"{len(s['probes'])} | {used} | {s['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -727,6 +863,9 @@ class GBS(Modifier):
     batch_size: int = 4
     horizon: int = 1
     reference: str = "float"
+    race: float = 0.0
+    race_min: int = 2
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         self.config()  # validate now: a bad value is a RecipeError at load time
@@ -735,7 +874,8 @@ class GBS(Modifier):
 
     def config(self) -> GBSConfig:
         return GBSConfig(self.mode, self.objective, self.iterations, self.epsilon, self.reverse, self.layers,
-                         self.batch_size, self.horizon, self.reference)
+                         self.batch_size, self.horizon, self.reference, self.race, self.race_min,
+                         self.precision)
 
     def apply(self, ctx: QuantContext) -> None:
         qm = getattr(ctx, "qm", None)

@@ -50,7 +50,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                         "validation or train")
     try:
         config = GBSConfig(args.mode, args.objective, args.iterations, args.epsilon, args.reverse, args.layers,
-                           args.batch_size, args.horizon, args.reference)
+                           args.batch_size, args.horizon, args.reference, args.race, args.race_min,
+                           args.precision)
     except ValueError as e:
         raise SpikequantError(f"search: {e}") from None
     saved = is_quantized_dir(args.model)
@@ -208,6 +209,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", choices=["float", "slot"], default="float",
                    help="fast mode, objective layer: compare a probe with the never-quantized stream (float, "
                         "default) or with the same computation with the searched slot passing through (slot)")
+    p.add_argument("--race", type=float, default=0.0, metavar="Z",
+                   help="fast mode, objective ppl: decide each probe batch by batch and stop once the mean NLL "
+                        "difference is more than Z standard errors from 0 (ours; 0: off, every batch)")
+    p.add_argument("--race-min", type=positive_int, default=2,
+                   help="racing: batches seen before a decision may stop early (default: %(default)s)")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="fast mode, objective ppl: run the probes under torch.autocast(bfloat16) (ours)")
     p.add_argument("--reverse", action="store_true", help="visit layers (and slots) from last to first")
     p.add_argument("--layers", type=positive_int, default=None,
                    help="search only the first K layers of the visiting order; the rest pass through")
