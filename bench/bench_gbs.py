@@ -71,7 +71,8 @@ def objective_label(cfg: dict[str, Any]) -> str:
     """The fast run's objective as run: racing and precision where set (ours)."""
     out = cfg["objective"]
     if cfg.get("race"):
-        out += f", race z = {cfg['race']:g} (min {cfg.get('race_min', 2)} batches)"
+        out += (f", race z = {cfg['race']:g} (min {cfg.get('race_min', 2)}, max {cfg.get('race_max') or 'all'} "
+                "batches)")
     if cfg.get("precision", "float32") != "float32":
         out += f", {cfg['precision']}"
     return out

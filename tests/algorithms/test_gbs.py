@@ -340,6 +340,9 @@ def test_race_decision_is_a_paired_t_test():
         t = statistics.mean(d) / (statistics.stdev(d) / n ** 0.5)
         assert got == (None if abs(t) <= 2.0 else t < 0)
     assert race_decision([1.0, 2.0], [3.0, 4.0], 2.0, 2, 2) is None  # every batch seen: the caller's sums decide
+    # n_max: the sign decides however small the t statistic
+    assert race_decision([1.0, 2.0, 3.0], [1.5, 1.0, 3.0], 50.0, 2, 8) is None
+    assert race_decision([1.0, 2.0, 3.0], [1.5, 1.0, 3.0], 50.0, 2, 8, n_max=3) is False
 
 
 def test_race_with_an_unreachable_threshold_is_exact_mode():
@@ -382,6 +385,8 @@ def test_race_and_precision_config_errors():
         GBSConfig("fast", "layer", race=2.0)
     with pytest.raises(ValueError, match="race_min"):
         GBSConfig("fast", race=2.0, race_min=1)
+    with pytest.raises(ValueError, match="race_max"):
+        GBSConfig("fast", race=2.0, race_min=3, race_max=2)
     with pytest.raises(ValueError, match="race must be"):
         GBSConfig("fast", race=-1.0)
     with pytest.raises(ValueError, match="precision"):

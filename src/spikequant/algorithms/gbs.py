@@ -98,6 +98,7 @@ class GBSConfig:
     # difference over the batches seen (at least race_min) is more than race standard errors from 0; 0: off
     race: float = 0.0
     race_min: int = 2
+    race_max: int | None = None  # racing: decide by the sign of the mean difference after this many batches
     # objective "ppl" in fast mode: run the probes' forward under torch.autocast(bfloat16) (ours; the
     # cached layer inputs and the final calibration PPL stay in the model's dtype)
     precision: str = "float32"
@@ -130,6 +131,10 @@ class GBSConfig:
             raise ValueError("race decides on the perplexity: it needs mode fast (objective ppl, implied)")
         if self.race and self.race_min < 2:
             raise ValueError(f"race_min must be >= 2 (a standard error needs two batches), got {self.race_min}")
+        if self.race_max is not None:
+            require_positive_int(self.race_max, "race_max")
+            if self.race_max < self.race_min:
+                raise ValueError(f"race_max ({self.race_max}) must be >= race_min ({self.race_min})")
 
     @property
     def resolved_objective(self) -> str:
@@ -163,18 +168,19 @@ def accept(a: float, m: float, b: float, fm: float, x: float, fx: float) -> tupl
     return a, m, b, fx if better else fm
 
 
-def race_decision(dx: list[float], dm: list[float], z: float, n_min: int, n_all: int) -> bool | None:
+def race_decision(dx: list[float], dm: list[float], z: float, n_min: int, n_all: int,
+                  n_max: int | None = None) -> bool | None:
     """The racing test on per-batch mean NLLs of x and m seen so far (equal length, in batch order):
     True (x better) / False when the mean difference is more than ``z`` standard errors from 0 after at
-    least ``n_min`` batches; None (undecided) before, and with every batch seen the caller compares the sums
-    (the exact rule)."""
+    least ``n_min`` batches (a paired t statistic), or by its sign alone once ``n_max`` batches are seen;
+    None (undecided) otherwise, and with every batch seen the caller compares the sums (the exact rule)."""
     n = len(dx)
     if n < n_min or n >= n_all:
         return None
     d = [u - v for u, v in zip(dx, dm, strict=True)]
     mean = sum(d) / n
     se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n)
-    if abs(mean) > z * se:
+    if abs(mean) > z * se or (n_max is not None and n >= n_max):
         return mean < 0
     return None
 
@@ -389,6 +395,7 @@ class _Search:
             state["config"].setdefault("reference", "float")
             state["config"].setdefault("race", 0.0)
             state["config"].setdefault("race_min", 2)
+            state["config"].setdefault("race_max", None)
             state["config"].setdefault("precision", "float32")
         for key in mine:
             if state.get(key) != mine[key]:
@@ -693,7 +700,7 @@ class _Search:
             for k in range(n_all):
                 dx.append(unit(x, k) / tokens[k])
                 dm.append(unit(m, k) / tokens[k])
-                better = race_decision(dx, dm, cfg.race, cfg.race_min, n_all)
+                better = race_decision(dx, dm, cfg.race, cfg.race_min, n_all, cfg.race_max)
                 if better is not None:
                     break
             if better is None:  # every batch seen: the exact rule on the sums
@@ -820,7 +827,9 @@ def plot_heatmap(ratios: Ratios, n_layers: int, path: str | Path, title: str = "
 def report_markdown(report: dict[str, Any]) -> str:
     r = report["result"]
     cfg = r["config"]
-    race = f"{cfg['race']:g} (min {cfg['race_min']} batches)" if cfg.get("race") else "off"
+    race = "off"
+    if cfg.get("race"):
+        race = f"{cfg['race']:g} (min {cfg['race_min']}, max {cfg.get('race_max') or 'all'} batches)"
     lines = [f"# GBS search: {report.get('recipe', {}).get('name', '?')} on {report.get('model', '?')}", "",
              f"mode {cfg['mode']}, objective {cfg['objective']}, iterations {cfg['iterations']}, "
              f"epsilon {cfg['epsilon']}, reverse {cfg['reverse']}, layers {cfg['layers'] or 'all'}, "
@@ -865,6 +874,7 @@ class GBS(Modifier):
     reference: str = "float"
     race: float = 0.0
     race_min: int = 2
+    race_max: int | None = None
     precision: str = "float32"
 
     def __post_init__(self) -> None:
@@ -875,7 +885,7 @@ class GBS(Modifier):
     def config(self) -> GBSConfig:
         return GBSConfig(self.mode, self.objective, self.iterations, self.epsilon, self.reverse, self.layers,
                          self.batch_size, self.horizon, self.reference, self.race, self.race_min,
-                         self.precision)
+                         self.race_max, self.precision)
 
     def apply(self, ctx: QuantContext) -> None:
         qm = getattr(ctx, "qm", None)

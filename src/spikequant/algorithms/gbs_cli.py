@@ -51,7 +51,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         config = GBSConfig(args.mode, args.objective, args.iterations, args.epsilon, args.reverse, args.layers,
                            args.batch_size, args.horizon, args.reference, args.race, args.race_min,
-                           args.precision)
+                           args.race_max, args.precision)
     except ValueError as e:
         raise SpikequantError(f"search: {e}") from None
     saved = is_quantized_dir(args.model)
@@ -214,6 +214,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "difference is more than Z standard errors from 0 (ours; 0: off, every batch)")
     p.add_argument("--race-min", type=positive_int, default=2,
                    help="racing: batches seen before a decision may stop early (default: %(default)s)")
+    p.add_argument("--race-max", type=positive_int, default=None,
+                   help="racing: after this many batches decide by the sign of the mean difference alone "
+                        "(default: every batch, then the exact rule)")
     p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                    help="fast mode, objective ppl: run the probes under torch.autocast(bfloat16) (ours)")
     p.add_argument("--reverse", action="store_true", help="visit layers (and slots) from last to first")
