@@ -1,7 +1,7 @@
 """The GBS clip search on a streamed saved model (layers read from the shards on demand) gives the in-memory
 search's ratios.json byte for byte, the same objective values and the same state file, in fast mode
-(horizon 1 and 3, objective ppl) and exact mode; a stopped streamed search resumes to the same ratios; a
-probe holds only the layers it runs."""
+(horizon 1 and 3, objective ppl, racing in bfloat16) and exact mode; a stopped streamed search resumes to
+the same ratios; a probe holds only the layers it runs."""
 
 import json
 
@@ -24,7 +24,8 @@ SEARCH = torch.randint(0, 96, (3, 24), generator=torch.Generator().manual_seed(0
 # layer here, mostly the release's garbage collection), on 2 layers with the search on the first.
 FAST = {"fast-h1": GBSConfig("fast", iterations=3), "fast-h3": GBSConfig("fast", iterations=3, horizon=3)}
 STATIC = {"fast-static": GBSConfig("fast", iterations=3, horizon=2)}
-SLOW = {"fast-ppl": GBSConfig("fast", "ppl", iterations=2), "exact": GBSConfig("exact", iterations=2, layers=1)}
+SLOW = {"fast-ppl": GBSConfig("fast", "ppl", iterations=2), "exact": GBSConfig("exact", iterations=2, layers=1),
+        "race": GBSConfig("fast", iterations=2, batch_size=1, race=0.5, precision="bfloat16")}
 
 
 def _saved(tmp_path_factory, layers, recipe="quarot-rtn-w4a4kv4", streamed=True):
@@ -116,7 +117,7 @@ def test_streamed_search_equals_in_memory(saved4, saved2, saved_static, tmp_path
     config = FAST.get(name) or STATIC.get(name) or SLOW[name]
     saved, layers = (saved4, 4) if name in FAST else (saved_static, 3) if name in STATIC else (saved2, 2)
     mem = search(saved, config, tmp_path / "mem", streamed=False)
-    per_slot = 1 + config.iterations
+    per_slot = config.iterations + (0 if config.race else 1)  # racing counts decisions (m runs inside them)
     slots = [k for k in SLOTS if k != "k_cache"] if name in STATIC else SLOTS
 
     def check(sm, n):
@@ -124,7 +125,8 @@ def test_streamed_search_equals_in_memory(saved4, saved2, saved_static, tmp_path
         # per probe and freed)
         layer = [i for i in range(layers) for _ in slots][(n - 1) // per_slot]
         expect = {"fast-h1": [layer], "fast-h3": list(range(layer, min(layer + 3, layers))),
-                  "fast-static": list(range(layer, min(layer + 2, layers))), "fast-ppl": [layer], "exact": []}[name]
+                  "fast-static": list(range(layer, min(layer + 2, layers))), "fast-ppl": [layer], "race": [layer],
+                  "exact": []}[name]
         assert loaded_layers(sm) == expect, (n, layer)
 
     disk = search(saved, config, tmp_path / "disk", streamed=True, check=check)
