@@ -1,0 +1,86 @@
+"""Calibration perplexity of several GBS searches' ``ratios.json``, all measured in one process under the
+same settings (docs/gbs.md).
+
+The final calibration PPL a search reports is measured with that run's own torch thread count and batch
+size; on a fully quantized W4A4 model those alone move it by several percent (rounding at 4 bits amplifies
+float-summation order). To compare exact and fast runs, this script quantizes the recipe once, then for
+each run sets its ratios on the same quantized model and measures the perplexity of the same windows with
+the same batch size and threads.
+
+Usage::
+
+    python bench/gbs_calib_ppl.py --recipe quarot-rtn-w4a4kv4 --data-dir ../shared/data \\
+        --calib-windows 12 --seqlen 128 --batch-size 12 --threads 2 --runs RUN_DIR ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--calib-split", default="validation")
+    p.add_argument("--calib-windows", type=int, required=True)
+    p.add_argument("--seqlen", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--runs", nargs="+", required=True, help="search output folders (each with ratios.json)")
+    p.add_argument("--json", default=None, help="write the results here too")
+    args = p.parse_args()
+
+    from spikequant.algorithms.clip_ratios import apply_clip_ratios, load_ratio_file
+    from spikequant.algorithms.gbs import calibration_ppl, fingerprint
+    from spikequant.data import calibration_windows, eval_windows, load_text, tokenize
+    from spikequant.models import load_model
+    from spikequant.pipeline import quantize
+    from spikequant.recipes import load_recipe
+    from spikequant.reports import environment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as gbs_search does
+    loaded = load_model(args.model, "float32", "cpu")
+    recipe = load_recipe(args.recipe)
+    tok = loaded.tokenizer
+
+    def recipe_calibration():
+        c = recipe.calibration
+        return calibration_windows(tokenize(tok, load_text(c.dataset, c.split, args.data_dir)), c.seqlen,
+                                   c.num_samples, recipe.seed)
+
+    qm, _ = quantize(loaded.model, recipe, recipe_calibration, False)
+    windows = eval_windows(tokenize(tok, load_text("wikitext2", args.calib_split, args.data_dir)), args.seqlen,
+                           args.calib_windows)
+    rows = []
+    with torch.inference_mode():
+        base = calibration_ppl(qm.model, windows, args.batch_size)
+        for run in args.runs:
+            report = json.loads((Path(run) / "report.json").read_text(encoding="utf-8"))
+            if report["calibration"]["windows_sha256"] != fingerprint(windows):
+                raise SystemExit(f"{run} searched other calibration windows than --calib-windows/--seqlen give")
+            apply_clip_ratios(qm, load_ratio_file(Path(run) / "ratios.json"))
+            rows.append({"run": Path(run).name, "calib_ppl": calibration_ppl(qm.model, windows, args.batch_size),
+                         "reported": report["result"]["calib_ppl"],
+                         "reported_threads": report["environment"].get("torch_threads")})
+    print(f"threads {torch.get_num_threads()}, batch {args.batch_size}, {len(windows)} x {args.seqlen} "
+          f"{args.calib_split} tokens; clip 1.0: {base:.3f}")
+    print("| run | calib PPL (here) | vs first run | as the search reported it (its threads) |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        rel = 100 * (r["calib_ppl"] / rows[0]["calib_ppl"] - 1)
+        print(f"| {r['run']} | {r['calib_ppl']:.3f} | {rel:+.2f} % | {r['reported']:.3f} ({r['reported_threads']}) |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"clip1": base, "rows": rows, "environment": environment()},
+                                              indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
