@@ -38,7 +38,7 @@ def main() -> None:
 
     from spikequant.algorithms.clip_ratios import apply_clip_ratios, load_ratio_file
     from spikequant.algorithms.gbs import calibration_ppl, fingerprint
-    from spikequant.data import calibration_windows, eval_windows, load_text, tokenize
+    from spikequant.data import eval_windows, load_text, recipe_calibration_windows, tokenize
     from spikequant.models import load_model
     from spikequant.pipeline import quantize
     from spikequant.recipes import load_recipe
@@ -51,12 +51,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     tok = loaded.tokenizer
 
-    def recipe_calibration():
-        c = recipe.calibration
-        return calibration_windows(tokenize(tok, load_text(c.dataset, c.split, args.data_dir)), c.seqlen,
-                                   c.num_samples, recipe.seed)
-
-    qm, _ = quantize(loaded.model, recipe, recipe_calibration, False)
+    qm, _ = quantize(loaded.model, recipe, lambda: recipe_calibration_windows(recipe, tok, args.data_dir), False)
     windows = eval_windows(tokenize(tok, load_text("wikitext2", args.calib_split, args.data_dir)), args.seqlen,
                            args.calib_windows)
     rows = []

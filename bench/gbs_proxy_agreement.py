@@ -105,7 +105,7 @@ def replay(args: argparse.Namespace) -> None:
         _Search,
         calibration_ppl,
     )
-    from spikequant.data import calibration_windows, eval_windows, load_text, tokenize
+    from spikequant.data import eval_windows, load_text, recipe_calibration_windows, tokenize
     from spikequant.models import get_arch, load_model
     from spikequant.pipeline import quantize
     from spikequant.recipes import load_recipe
@@ -118,13 +118,7 @@ def replay(args: argparse.Namespace) -> None:
     loaded = load_model(report["model"], "float32", "cpu")
     model, tok = loaded.model, loaded.tokenizer
     recipe = load_recipe(args.recipe)
-    c = recipe.calibration
-
-    def recipe_windows():
-        return calibration_windows(tokenize(tok, load_text(c.dataset, c.split, args.data_dir)), c.seqlen,
-                                   c.num_samples, recipe.seed)
-
-    qm, _ = quantize(model, recipe, recipe_windows, False)
+    qm, _ = quantize(model, recipe, lambda: recipe_calibration_windows(recipe, tok, args.data_dir), False)
     split = cal["name"].split(":")[1]
     windows = eval_windows(tokenize(tok, load_text("wikitext2", split, args.data_dir)), cal["seqlen"], cal["windows"])
     search = _Search(qm, windows, GBSConfig(mode="fast", iterations=1, horizon=args.horizon), None, False, None)

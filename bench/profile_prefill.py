@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("backend", choices=["float32", "bfloat16", "int8", "int8-bf16"])
+    ap.add_argument("--model", default="smollm2-135m", help="the float model for the float rows")
     ap.add_argument("--int8-dir", help="an int8 checkpoint (spikequant generate --save-int8) for the int8 rows")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=512)
@@ -40,7 +41,7 @@ def main() -> None:
         dtype = torch.bfloat16 if args.backend == "int8-bf16" else torch.float32
         model, _, _ = load_int8(args.int8_dir, "auto", dtype)
     else:
-        model = load_model("smollm2-135m", args.backend, "cpu").model
+        model = load_model(args.model, args.backend, "cpu").model
     run = compile_model(model)
     cfg = model.config
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))

@@ -29,7 +29,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         plot_heatmap,
         report_markdown,
     )
-    from spikequant.data import calibration_windows, eval_windows, load_text, tokenize
+    from spikequant.data import eval_windows, load_text, recipe_calibration_windows, tokenize
     from spikequant.eval import evaluate, reference_logprobs
     from spikequant.export import is_quantized_dir, load_quantized, save_quantized
     from spikequant.models import decoder_layers, load_model
@@ -100,9 +100,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         f"fewer than --calib-windows {args.calib_windows}")
 
     def recipe_calibration():
-        c = recipe.calibration
-        text = load_text(c.dataset, c.split, args.data_dir)
-        return calibration_windows(tokenize(tokenizer, text), c.seqlen, c.num_samples, recipe.seed)
+        return recipe_calibration_windows(recipe, tokenizer, args.data_dir)
 
     base_sm = None
     if streamed and args.eval_windows:  # the FP reference streamed as well (a local checkpoint; checked now)

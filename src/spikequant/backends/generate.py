@@ -95,15 +95,10 @@ def load_for_backend(model: str, backend: str, recipe: str | None = None, data_d
         rec = load_recipe(recipe)  # a bad recipe fails here, before the model loads
     loaded = load_model(model, "float32", "cpu")
     if rec is not None and not rec.is_float:
-        from spikequant.data import calibration_windows, load_text, tokenize
+        from spikequant.data import recipe_calibration_windows
         from spikequant.pipeline import quantize
 
-        def calibration() -> torch.Tensor:
-            c = rec.calibration
-            text = load_text(c.dataset, c.split, data_dir)
-            return calibration_windows(tokenize(loaded.tokenizer, text), c.seqlen, c.num_samples, rec.seed)
-
-        quantize(loaded.model, rec, calibration, progress)
+        quantize(loaded.model, rec, lambda: recipe_calibration_windows(rec, loaded.tokenizer, data_dir), progress)
     return prepare(loaded.model, loaded.tokenizer, backend, model, rec.name if rec else None, kernel, dtype)
 
 

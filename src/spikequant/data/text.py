@@ -178,3 +178,11 @@ def calibration_windows(ids: torch.Tensor, seqlen: int, num_samples: int, seed: 
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (num_samples,), generator=g)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def recipe_calibration_windows(recipe, tokenizer, data_dir: str | Path | None = None) -> torch.Tensor:
+    """A recipe's calibration windows: its ``calibration`` text (dataset, split) tokenized, then
+    ``num_samples`` windows of ``seqlen`` tokens drawn with the recipe's seed."""
+    c = recipe.calibration
+    return calibration_windows(tokenize(tokenizer, load_text(c.dataset, c.split, data_dir)), c.seqlen,
+                               c.num_samples, recipe.seed)
