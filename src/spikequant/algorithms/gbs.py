@@ -343,6 +343,18 @@ def _float_activations(qm: QuantizedModel) -> Iterator[None]:
 
 # --- the search -----------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Rule:
+    """How one slot's bisection judges a probe: ``start()`` evaluates what must be known before the first
+    probe (True when it evaluated something, so the state is saved), ``decide(x)`` says whether x beats
+    the current m (recording the probe), ``f(r)`` is the objective reported for a ratio already judged,
+    ``finish()`` completes f(m) when no iteration ran."""
+    start: Callable[[], bool]
+    decide: Callable[[float], bool]
+    f: Callable[[float], float]
+    finish: Callable[[], None]
+
+
 class _Search:
     def __init__(self, qm: QuantizedModel, windows: torch.Tensor, config: GBSConfig,
                  state_path: str | Path | None, progress: bool,
@@ -637,14 +649,12 @@ class _Search:
 
     def search_slot(self, n: int, st: dict[str, Any], done: list[SlotResult], bar: Any, t0: float,
                     seconds0: float) -> SlotResult:
-        """Bisection of one slot from its state ``st`` (fresh, or as saved), saving after every probe."""
+        """Bisection of one slot from its state ``st`` (fresh, or as saved), saving after every probe.
+        The loop is the authors' (``next_probe``, ``step``); how a probe x is judged against m is the
+        rule's: the exact rule (f over every window, ``_exact_rule``) or racing (``_racing_rule``)."""
         cfg = self.config
         layer, key = st["layer"], st["key"]
         t_slot, prior = time.perf_counter(), st.get("seconds", 0.0)
-
-        def probe(x: float) -> float:
-            self.set_slot(layer, key, x)
-            return self.record(st, x, self.objective(layer, key))
 
         def save() -> None:
             self.seconds = seconds0 + time.perf_counter() - t0
@@ -655,26 +665,45 @@ class _Search:
             bar.update(1)
             bar.set_postfix_str(f"layer {layer} {key} ({n + 1}/{len(self.plan)}) m={st['m']:.4f} f={st['fm']:.5g}")
 
-        if cfg.race:
-            return self.race_slot(st, save, t_slot, prior)
-        if st["fm"] is None:
-            st["fm"] = probe(st["m"])
+        rule = self._racing_rule(st) if cfg.race else self._exact_rule(st)
+        if rule.start():
             save()
         while st["b"] - st["a"] > cfg.epsilon and st["iteration"] < cfg.iterations:
             x = next_probe(st["a"], st["m"], st["b"], st["iteration"])
-            fx = probe(x)
-            st["a"], st["m"], st["b"], st["fm"] = accept(st["a"], st["m"], st["b"], st["fm"], x, fx)
+            better = rule.decide(x)
+            st["a"], st["m"], st["b"] = step(st["a"], st["m"], st["b"], x, better)
+            st["fm"] = rule.f(st["m"])
             st["iteration"] += 1
             save()
+        rule.finish()
         self.set_slot(layer, key, st["m"])
-        return SlotResult(layer, key, st["m"], st["fm"], st["probes"], prior + time.perf_counter() - t_slot)
+        return SlotResult(layer, key, st["m"], st["fm"], st["probes"], prior + time.perf_counter() - t_slot,
+                          list(st["batches"]) if cfg.race else None)
 
-    def race_slot(self, st: dict[str, Any], save: Callable[[], None], t_slot: float,
-                  prior: float) -> SlotResult:
-        """The bisection with racing decisions: each probe x runs batch by batch against m (m's batches
-        are computed when a decision first needs them, then kept in ``st["nll"]``, so a resumed run has
-        them too) and stops once ``race_decision`` is sure; with every batch seen, the exact rule on the
-        sums. ``probes`` records f over the batches each ratio was run on."""
+    def _exact_rule(self, st: dict[str, Any]) -> _Rule:
+        """The authors' rule: f(x) is the objective on every window; x is better when f(x) < f(m)."""
+        layer, key = st["layer"], st["key"]
+        values: dict[float, float] = {x: fx for x, fx in st["probes"]}
+
+        def probe(x: float) -> float:
+            self.set_slot(layer, key, x)
+            values[x] = self.record(st, x, self.objective(layer, key))
+            return values[x]
+
+        def start() -> bool:  # f(m) first, as the authors' fm = f(m); a resumed slot has it
+            if st["fm"] is None:
+                st["fm"] = probe(st["m"])
+                return True
+            values[st["m"]] = st["fm"]
+            return False
+
+        return _Rule(start=start, decide=lambda x: probe(x) < st["fm"], f=lambda r: values[r], finish=lambda: None)
+
+    def _racing_rule(self, st: dict[str, Any]) -> _Rule:
+        """Racing: each probe x runs batch by batch against m (m's batches are computed when a decision
+        first needs them, then kept in ``st["nll"]``, so a resumed run has them too) and stops once
+        ``race_decision`` is sure; with every batch seen, the exact rule on the sums. ``probes`` records f
+        over the batches each ratio was run on, ``batches`` how many each decision used."""
         cfg, layer, key = self.config, st["layer"], st["key"]
         n_all = len(self.batches)
         tokens = [b[:, 1:].numel() for b in self.batches]
@@ -692,8 +721,8 @@ class _Search:
             seen = [k for k, v in enumerate(nll[repr(r)]) if v is not None]
             return math.exp(sum(nll[repr(r)][k] for k in seen) / sum(tokens[k] for k in seen))
 
-        while st["b"] - st["a"] > cfg.epsilon and st["iteration"] < cfg.iterations:
-            x, m = next_probe(st["a"], st["m"], st["b"], st["iteration"]), st["m"]
+        def decide(x: float) -> bool:
+            m = st["m"]
             dx: list[float] = []
             dm: list[float] = []
             better = None
@@ -707,17 +736,15 @@ class _Search:
                 better = sum(nll[repr(x)]) < sum(nll[repr(m)])
             self.record(st, x, ppl(x))
             used.append(len(dx))
-            st["a"], st["m"], st["b"] = step(st["a"], m, st["b"], x, better)
-            st["fm"] = ppl(st["m"])
-            st["iteration"] += 1
-            save()
-        if repr(st["m"]) not in nll:  # no iteration ran: f(m) on every batch, as exact mode's first probe
-            for k in range(n_all):
-                unit(st["m"], k)
-            st["fm"] = ppl(st["m"])
-        self.set_slot(layer, key, st["m"])
-        return SlotResult(layer, key, st["m"], st["fm"], st["probes"], prior + time.perf_counter() - t_slot,
-                          list(used))
+            return better
+
+        def finish() -> None:
+            if repr(st["m"]) not in nll:  # no iteration ran: f(m) on every batch, as exact mode's first probe
+                for k in range(n_all):
+                    unit(st["m"], k)
+                st["fm"] = ppl(st["m"])
+
+        return _Rule(start=lambda: False, decide=decide, f=ppl, finish=finish)
 
     # the loop -----------------------------------------------------------------------------------------
     @torch.no_grad()
