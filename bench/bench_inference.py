@@ -101,9 +101,9 @@ def worker(args: argparse.Namespace) -> dict:
     out: dict = {"backend": args.worker, "load_s": round(load_s, 2), "weight_bytes": weight_bytes(model),
                  "load_before": load_avg()}
     if name.startswith("int8"):  # which kernel `auto` runs for prefill on this CPU (backends.int8.onednn_usable)
-        from spikequant.backends.int8 import onednn_usable
+        from spikequant.backends.int8 import onednn_input, onednn_usable
 
-        out["prefill_kernel"] = "oneDNN qlinear" if onednn_usable() else "torch._int_mm"
+        out["prefill_kernel"] = f"oneDNN qlinear ({onednn_input()} input)" if onednn_usable() else "torch._int_mm"
     run = model
     if compiled:
         from spikequant.backends import compile_model

@@ -1,6 +1,7 @@
 """One product per kernel at SmolLM2-135M's linear shapes: float32 and bfloat16 ``F.linear`` against
 ``torch._int_mm`` (and, with ``--qlinear``, oneDNN's ``qlinear_pointwise``, which can be very slow on some
-CPUs: see backends.int8.onednn_usable). Microseconds per product, weights prepared once; shapes and timer
+CPUs with an int8 input: see backends.int8.onednn_input; ``--qlinear-u8`` times it on the uint8 input with
+zero point 128 that the backend gives it there). Microseconds per product, weights prepared once; shapes and timer
 (median of ``--repeats`` batches of calls) from bench_int8_kernels.py, which times whole int8 linears
 (quantize + product + rescale) instead.
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_int8_kernels import SHAPES, timeit
+from spikequant.backends.int8 import onednn_operand
 
 
 def us(fn, args: tuple, repeats: int) -> float:
@@ -26,11 +28,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 4096, 1])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--qlinear", action="store_true")
+    ap.add_argument("--qlinear", action="store_true", help="oneDNN qlinear, int8 (s8) input, one timed call")
+    ap.add_argument("--qlinear-u8", action="store_true", help="oneDNN qlinear, uint8 input (zero point 128)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    cols = ["fp32", "bf16", "int8 _int_mm"] + (["int8 oneDNN qlinear"] if args.qlinear else [])
+    cols = ["fp32", "bf16", "int8 _int_mm"] + (["int8 oneDNN qlinear"] if args.qlinear else []) \
+        + (["int8 oneDNN qlinear, u8 input"] if args.qlinear_u8 else [])
     print(f"{args.threads} threads, torch {torch.__version__}, microseconds per product (median of {args.repeats})")
     print("| linear (N x K) | tokens | " + " | ".join(cols) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in cols) + " |")
@@ -43,11 +47,13 @@ def main() -> None:
             qw_t = qw.t().contiguous()
             row = [us(F.linear, (x, w), args.repeats), us(F.linear, (xb, wb), args.repeats),
                    us(torch._int_mm, (qx, qw_t), args.repeats)]
-            if args.qlinear:
-                packed = torch.ops.onednn.qlinear_prepack(qw, None)
-                ws, wz = torch.ones(n), torch.zeros(n, dtype=torch.int64)
-                row.append(us(torch.ops.onednn.qlinear_pointwise, (qx, 1.0, 0, packed, ws, wz, None, 1.0, 0,
-                                                                   torch.float32, "none", [], ""), 1))
+            packed = torch.ops.onednn.qlinear_prepack(qw, None) if args.qlinear or args.qlinear_u8 else None
+            ws, wz = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+            for on, kind, repeats in ((args.qlinear, "s8", 1), (args.qlinear_u8, "u8", args.repeats)):
+                if on:
+                    x8, zero = onednn_operand(qx, kind)
+                    row.append(us(torch.ops.onednn.qlinear_pointwise, (x8, 1.0, zero, packed, ws, wz, None, 1.0, 0,
+                                                                       torch.float32, "none", [], ""), repeats))
             print(f"| {name} {n}x{k} | {m} | " + " | ".join(f"{v:.0f}" for v in row) + " |")
 
 

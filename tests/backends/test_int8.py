@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 import spikequant.backends.int8 as int8_module
 from spikequant.backends import Int8BackendError, Int8Linear, convert_to_int8, load_int8, save_int8, weight_bytes
-from spikequant.backends.int8 import KERNELS, onednn_usable
+from spikequant.backends.int8 import KERNELS, onednn_input, onednn_usable
 from spikequant.models.tiny import tiny_model
 from spikequant.pipeline import quantize
 from spikequant.recipes import load_recipe
@@ -110,16 +110,40 @@ def test_auto_kernel_follows_the_onednn_check(usable, monkeypatch):
         assert torch.equal(y, int_mm(x))
 
 
-def test_onednn_check_is_a_boolean_decided_once(monkeypatch):
+def test_onednn_check_is_decided_once(monkeypatch):
     monkeypatch.delenv("SPIKEQUANT_INT8_ONEDNN", raising=False)
-    monkeypatch.setattr(int8_module, "_ONEDNN_USABLE", None)
-    first = onednn_usable()
-    assert isinstance(first, bool) and int8_module._ONEDNN_USABLE is first
+    monkeypatch.setattr(int8_module, "_ONEDNN_INPUT", None)
+    first = int8_module._onednn_timing()
+    assert first in ("s8", "u8", "none") and first == int8_module._ONEDNN_INPUT
+    assert onednn_usable() is (first == "s8") and onednn_input() == ("u8" if first == "u8" else "s8")
     monkeypatch.setattr(torch, "_int_mm", None)  # a second timing would fail: the first answer is kept
-    assert onednn_usable() is first
+    assert int8_module._onednn_timing() == first
+    for forced, usable, kind in (("0", False, onednn_input()), ("1", True, onednn_input()), ("s8", True, "s8"),
+                                 ("u8", True, "u8")):
+        monkeypatch.setenv("SPIKEQUANT_INT8_ONEDNN", forced)
+        assert (onednn_usable(), onednn_input()) == (usable, kind)
     monkeypatch.setenv("SPIKEQUANT_INT8_ONEDNN", "maybe")
     with pytest.raises(Int8BackendError, match="SPIKEQUANT_INT8_ONEDNN='maybe'"):
         onednn_usable()
+
+
+@pytest.mark.parametrize("kind", ["s8", "u8"])
+def test_onednn_input_types_give_the_int_mm_integers(kind, monkeypatch):
+    """qlinear fed the int8 tensor as it is (s8) or shifted to uint8 with zero point 128 (u8) computes the same
+    integer product as torch._int_mm, on inputs that reach -128 and 127: after the same rescale the outputs
+    agree to float32 rounding (the rescale is fused in oneDNN, a separate multiply after _int_mm)."""
+    monkeypatch.setenv("SPIKEQUANT_INT8_ONEDNN", kind)
+    gen = torch.Generator().manual_seed(4)
+    lin = Int8Linear(64, 48, kernel="onednn", quant="eager")
+    lin.weight.copy_(torch.randint(-128, 128, (48, 64), dtype=torch.int8, generator=gen))
+    lin.weight_scale.uniform_(1e-3, 1e-2, generator=gen)
+    lin.input_scale.fill_(0.05)
+    qx = torch.randint(-128, 128, (40, 64), dtype=torch.int8, generator=gen)
+    qx[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
+    y = lin.forward_int8(qx, torch.float32)
+    assert lin._pack()["x_kind"] == kind
+    exact = (qx.long() @ lin.weight.long().t()).double() * 0.05 * lin.weight_scale.double()
+    assert float((y.double() - exact).abs().max() / exact.abs().max()) < 1e-6
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -350,7 +374,7 @@ def _compile_works() -> bool:
     return _compiled_quantize() is not None
 
 
-@pytest.mark.parametrize("onednn", ["1", "0"])
+@pytest.mark.parametrize("onednn", ["s8", "u8", "0"])
 def test_whole_model_compiled_matches_eager(onednn, monkeypatch):
     """compile_model traces every int8 linear whole (fullgraph: no graph break, so the traced path is what
     runs): oneDNN's qlinear under freezing for prefill-sized inputs (seen in the profile) where the CPU
@@ -374,7 +398,7 @@ def test_whole_model_compiled_matches_eager(onednn, monkeypatch):
             compiled(WINDOWS, use_cache=False)
     ops = {e.key: e.count for e in p.key_averages()}
     # the 13 int8 linears, none eager; or none at all where qlinear is not to be used
-    assert ops.get("onednn::qlinear_pointwise", 0) == (13 if onednn == "1" else 0), ops
+    assert ops.get("onednn::qlinear_pointwise", 0) == (0 if onednn == "0" else 13), ops
     for e, t in zip(eager, traced, strict=True):
         err = float((t - e).abs().max() / e.abs().max())
         assert err < 1e-3, err

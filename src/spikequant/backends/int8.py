@@ -42,7 +42,7 @@ AUTO_SMALL_M = 16
 # onednn_usable: qlinear must be within this factor of _int_mm on the probe product (plus 0.1 ms); the slow
 # path it was measured falling into on an AMD EPYC (Zen 5, torch 2.13) is 5,000-7,000x slower.
 ONEDNN_SLOWDOWN = 3.0
-_ONEDNN_USABLE: bool | None = None
+_ONEDNN_INPUT: str | None = None  # "s8", "u8" or "none" once timed
 # How the float input is quantized for prefill-sized inputs (more than AUTO_SMALL_M tokens): "eager" (four
 # ATen ops: divide, round, clamp, cast: each a pass over memory, as costly as the int8 matmul itself at
 # SmolLM2's sizes), "compiled" (the same expression through torch.compile: one fused loop, identical
@@ -90,19 +90,47 @@ def default_quant_mode() -> str:
 
 
 def onednn_usable() -> bool:
-    """Whether ``--kernel auto`` may use oneDNN's qlinear on this CPU, decided once per process by timing it
-    against ``torch._int_mm`` on a probe product (64 x 256 by 256 x 256, best of 3 after a warm-up). On the
-    Intel Xeon with AMX both take microseconds; on an AMD EPYC (Zen 5, AVX512-VNNI, no AMX; torch 2.13)
-    qlinear took about a second or more per 512-token product of SmolLM2's shapes that ``_int_mm`` did in
-    about a millisecond (docs/inference.md, section "On an AMD EPYC"). Runs eagerly (``prepare_traced``
-    packs before tracing). ``$SPIKEQUANT_INT8_ONEDNN=1`` / ``0`` decides instead of the timing."""
-    global _ONEDNN_USABLE
-    forced = os.environ.get("SPIKEQUANT_INT8_ONEDNN")
+    """Whether ``--kernel auto`` uses oneDNN's qlinear for prefill-sized inputs on this CPU: where its int8
+    (s8) input is fast (:func:`onednn_input`'s timing), as on the Intel Xeon with AMX, where qlinear with
+    its fused rescale beat ``_int_mm`` (docs/inference.md). Where only the uint8 route is fast (the AMD
+    EPYC), ``auto`` keeps ``_int_mm``: there qlinear was as fast per product but the compiled model ran
+    slower with it (docs/inference.md, "On an AMD EPYC"). ``$SPIKEQUANT_INT8_ONEDNN`` ``1`` / ``s8`` /
+    ``u8`` make ``auto`` use qlinear, ``0`` never."""
+    forced = _onednn_forced()
     if forced is not None:
-        if forced not in ("0", "1"):
-            raise Int8BackendError(f"SPIKEQUANT_INT8_ONEDNN={forced!r}; use 1 (oneDNN allowed) or 0 (_int_mm only)")
-        return forced == "1"
-    if _ONEDNN_USABLE is None:
+        return forced != "0"
+    return _onednn_timing() == "s8"
+
+
+def onednn_input() -> str:
+    """How oneDNN's qlinear gets its int8 input on this CPU: ``"s8"`` (the int8 tensor as it is) or ``"u8"``
+    (shifted to uint8 with zero point 128: the same integers, ``x + 128`` against a compensation oneDNN
+    folds into the packed weight). s8 unless the timing finds s8 slow and u8 fast: on an AMD EPYC (Zen 5,
+    AVX512-VNNI, no AMX; torch 2.13, oneDNN 3.12) an s8 input runs oneDNN's reference kernel (``ref_int8`` in
+    ``ONEDNN_VERBOSE``), about four seconds per 512-token product of SmolLM2's shapes, and a u8 input its
+    VNNI kernel (``brg_matmul:avx512_core_vnni``) in about a millisecond, like ``_int_mm``.
+    ``$SPIKEQUANT_INT8_ONEDNN=s8`` / ``u8`` choose instead."""
+    forced = _onednn_forced()
+    if forced in ("s8", "u8"):
+        return forced
+    return "u8" if _onednn_timing() == "u8" else "s8"
+
+
+def _onednn_forced() -> str | None:
+    forced = os.environ.get("SPIKEQUANT_INT8_ONEDNN")
+    if forced is not None and forced not in ("0", "1", "s8", "u8"):
+        raise Int8BackendError(f"SPIKEQUANT_INT8_ONEDNN={forced!r}; use 1 (oneDNN allowed), 0 (_int_mm only), "
+                               "s8 or u8 (oneDNN with that input type)")
+    return forced
+
+
+def _onednn_timing() -> str:
+    """Decided once per process: qlinear timed against ``torch._int_mm`` on a probe product (64 x 256 by
+    256 x 256, best of 3 after a warm-up) with an s8 and then a u8 input; the first at most
+    ``ONEDNN_SLOWDOWN`` x ``_int_mm`` (``"s8"`` / ``"u8"``), else ``"none"``. Runs eagerly
+    (``prepare_traced`` packs before tracing)."""
+    global _ONEDNN_INPUT
+    if _ONEDNN_INPUT is None:
         gen = torch.Generator().manual_seed(0)
         qx = torch.randint(-128, 128, (64, 256), generator=gen, dtype=torch.int8)
         w = torch.randint(-128, 128, (256, 256), generator=gen, dtype=torch.int8)
@@ -119,13 +147,25 @@ def onednn_usable() -> bool:
                     times.append(time.perf_counter() - t)
                 return min(times)
 
-            t_onednn = best(lambda: torch.ops.onednn.qlinear_pointwise(qx, 1.0, 0, packed, ws, wz, None, 1.0, 0,
-                                                                      torch.float32, "none", [], ""))
-            t_int_mm = best(lambda: torch._int_mm(qx, w_t))
-            _ONEDNN_USABLE = t_onednn <= ONEDNN_SLOWDOWN * t_int_mm + 1e-4
+            limit = ONEDNN_SLOWDOWN * best(lambda: torch._int_mm(qx, w_t)) + 1e-4
+            _ONEDNN_INPUT = "none"
+            for kind in ("s8", "u8"):
+                x, zero = onednn_operand(qx, kind)
+                if best(lambda x=x, zero=zero: torch.ops.onednn.qlinear_pointwise(
+                        x, 1.0, zero, packed, ws, wz, None, 1.0, 0, torch.float32, "none", [], "")) <= limit:
+                    _ONEDNN_INPUT = kind
+                    break
         except (RuntimeError, AttributeError):  # no oneDNN int8 ops in this torch build
-            _ONEDNN_USABLE = False
-    return _ONEDNN_USABLE
+            _ONEDNN_INPUT = "none"
+    return _ONEDNN_INPUT
+
+
+def onednn_operand(qx: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
+    """qlinear's input and zero point for an int8 tensor: as it is (s8, zero point 0), or its bits with
+    the sign bit flipped, i.e. ``qx + 128`` as uint8 (u8, zero point 128): the same integers."""
+    if kind == "u8":
+        return torch.bitwise_xor(qx.view(torch.uint8), 128), 128
+    return qx, 0
 
 
 def _compiled(eager: Any) -> Any | None:
@@ -250,14 +290,16 @@ class Int8Linear(nn.Module):
         # Rebuilt when the buffers change identity (load_state_dict, .to()) or the kernels needed change:
         # the cache is derived state.
         onednn = self.kernel == "onednn" or (self.kernel == "auto" and onednn_usable())
+        kind = onednn_input() if onednn else None
         int_mm = self.kernel in ("int_mm", "auto") or self.traced  # traced: int_mm for decode-sized inputs
         key = (self.weight.data_ptr(), self.weight_scale.data_ptr(), self.input_scale.data_ptr(),
-               None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype), onednn, int_mm)
+               None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype), kind, int_mm)
         if self._packed is None or self._packed["key"] != key:
             p: dict[str, Any] = {"key": key, "x_scale": float(self.input_scale)}
             if onednn:
                 p["w"] = torch.ops.onednn.qlinear_prepack(self.weight, None)
                 p["w_zero"] = torch.zeros(self.out_features, dtype=torch.int64)
+                p["x_kind"] = kind
             if int_mm:
                 p["w_t"] = self.weight.t().contiguous()
                 p["rescale"] = (self.input_scale.float() * self.weight_scale.float())
@@ -322,7 +364,8 @@ class Int8Linear(nn.Module):
         (+ bias), in ``dtype`` and of shape ``(*shape, out_features)``: shared by the eager and traced paths."""
         if kernel == "onednn":
             bias = None if self.bias is None else self.bias.to(dtype)
-            y = torch.ops.onednn.qlinear_pointwise(qx, p["x_scale"], 0, p["w"], self.weight_scale, p["w_zero"],
+            qx, zero = onednn_operand(qx, p["x_kind"])
+            y = torch.ops.onednn.qlinear_pointwise(qx, p["x_scale"], zero, p["w"], self.weight_scale, p["w_zero"],
                                                    bias, 1.0, 0, dtype, "none", [], "")
             return y.reshape(*shape, self.out_features)
         acc = torch._int_mm(qx.reshape(-1, self.in_features), p["w_t"])
