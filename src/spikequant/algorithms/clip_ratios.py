@@ -119,9 +119,10 @@ def in_key_order(entries: dict[str, float]) -> list[tuple[str, float]]:
     return [(k, entries[k]) for k in KEYS if k in entries]
 
 
-def apply_clip_ratios(qm: QuantizedModel, ratios: Ratios) -> None:
-    index = activation_quantizers(qm)
-    for layer, entries in ratios.items():
+def apply_clip_ratios(qm: QuantizedModel, ratios: Ratios,
+                      index: dict[tuple[int, str], list[ActivationQuantizer]] | None = None) -> None:
+    index = activation_quantizers(qm) if index is None else index
+    for layer, entries in sorted(ratios.items()):
         for key, r in in_key_order(entries):
             set_clip_ratio(qm, layer, key, r, index)
 
@@ -168,9 +169,7 @@ class ClipRatios(Modifier):
         assert qm is not None, "clip_ratios runs at the quantized stage, after the quantizers exist"
         index = activation_quantizers(qm)
         check_ratio_targets(ratios, len(decoder_layers(ctx.model)), index)
-        for layer, entries in sorted(ratios.items()):
-            for key, r in in_key_order(entries):
-                set_clip_ratio(qm, layer, key, r, index)
+        apply_clip_ratios(qm, ratios, index)
         self.record(ctx, ratios)
 
     def record(self, ctx: QuantContext, ratios: Ratios) -> None:
