@@ -14,7 +14,7 @@ def test_mapping_resolves_every_module(arch):
     linears = decoder_linears(model)
     assert len(linears) == 7 * dims.num_layers
     layer = model.get_submodule(f"{spec.layers}.0")
-    for path in (spec.input_norm, spec.post_attn_norm, *spec.linear_roles.values()):
+    for path in (spec.input_norm, spec.post_attn_norm, spec.act_fn, *spec.linear_roles.values()):
         layer.get_submodule(path)
     for path in (spec.embed, spec.final_norm, spec.lm_head):
         model.get_submodule(path)

@@ -453,17 +453,20 @@ class Int8GatedMLP(nn.Module):
     passes over the intermediate tensor. The submodules keep their names, so the state dict and the
     checkpoint are those of the unfused MLP; the result equals the unfused module's bit for bit (tested)."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: nn.Module, parts: tuple[str, str, str, str] = ("gate_proj", "up_proj", "down_proj",
+                                                                        "act_fn")) -> None:
+        """``parts``: the MLP's attribute names of gate, up, down and the activation (``ArchSpec``'s)."""
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self.act_fn = mlp.act_fn
+        self._parts = parts
+        for name in parts:
+            setattr(self, name, getattr(mlp, name))
         self._hf_forward = type(mlp).forward  # the HF module's own forward (a plain function), on these parts
 
     def unfused_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._hf_forward(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        down = self.down_proj
+        gate, up, down = (getattr(self, name) for name in self._parts[:3])
         if torch.compiler.is_compiling() or down.quant == "eager" or x.numel() // x.shape[-1] <= AUTO_SMALL_M:
             return self.unfused_forward(x)
         fn = _compiled_swiglu_quantize()
@@ -472,7 +475,7 @@ class Int8GatedMLP(nn.Module):
                 raise Int8BackendError("int8 input quantization 'compiled': torch.compile does not work here "
                                        "(e.g. no C++ compiler); use 'eager' or 'auto'")
             return self.unfused_forward(x)
-        return down.forward_int8(fn(self.gate_proj(x), self.up_proj(x), down.input_scale), x.dtype)
+        return down.forward_int8(fn(gate(x), up(x), down.input_scale), x.dtype)
 
 
 class Int8QuantNorm(nn.Module):
@@ -564,6 +567,9 @@ def fuse_mlps(model: nn.Module) -> int:
     if not arch.gated_mlp:
         return 0
     mlp_path = arch.gate_proj.rsplit(".", 1)[0]
+    parts = tuple(p.rsplit(".", 1)[1] for p in (arch.gate_proj, arch.up_proj, arch.down_proj, arch.act_fn))
+    if any(p.rsplit(".", 1)[0] != mlp_path for p in (arch.up_proj, arch.down_proj, arch.act_fn)):
+        return 0  # not one MLP module holding the three linears and the activation
     fused = 0
     for i in range(len(model.get_submodule(arch.layers))):
         name = f"{arch.layer_path(i)}.{mlp_path}"
@@ -571,10 +577,10 @@ def fuse_mlps(model: nn.Module) -> int:
         if isinstance(mlp, Int8GatedMLP):
             fused += 1
             continue
-        parts = [getattr(mlp, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
-        if not all(isinstance(m, Int8Linear) for m in parts) or not _is_silu(getattr(mlp, "act_fn", None)):
+        mods = [getattr(mlp, k, None) for k in parts]
+        if not all(isinstance(m, Int8Linear) for m in mods[:3]) or not _is_silu(mods[3]):
             continue
-        _set_module(model, name, Int8GatedMLP(mlp))
+        _set_module(model, name, Int8GatedMLP(mlp, parts))
         fused += 1
     return fused
 

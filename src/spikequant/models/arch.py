@@ -34,6 +34,7 @@ class ArchSpec:
     gate_proj: str = "mlp.gate_proj"
     up_proj: str = "mlp.up_proj"
     down_proj: str = "mlp.down_proj"
+    act_fn: str = "mlp.act_fn"  # the gated MLP's activation module
     attn: str = "self_attn"
     input_norm: str = "input_layernorm"
     post_attn_norm: str = "post_attention_layernorm"
