@@ -11,6 +11,10 @@ Usage::
 
     python bench/gbs_calib_ppl.py --recipe quarot-rtn-w4a4kv4 --data-dir ../shared/data \\
         --calib-windows 12 --seqlen 128 --batch-size 12 --threads 2 --runs RUN_DIR ...
+
+``--model DIR`` (a folder written by ``spikequant quantize``, no ``--recipe``) measures on that saved model,
+e.g. GPTQ weights quantized once for every search; ``--calib-split test --other-windows`` measures the same
+ratio files on test windows instead (no check that they are the searched windows).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--recipe", required=True)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a model to quantize by --recipe, or a folder written by `spikequant quantize` (no --recipe)")
+    p.add_argument("--recipe", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--calib-split", default="validation")
     p.add_argument("--calib-windows", type=int, required=True)
@@ -34,11 +39,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--runs", nargs="+", required=True, help="search output folders (each with ratios.json)")
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--other-windows", action="store_true",
+                   help="measure on windows the searches did not use (e.g. --calib-split test): no check that they "
+                        "are the searched windows")
     args = p.parse_args()
 
     from spikequant.algorithms.clip_ratios import apply_clip_ratios, load_ratio_file
     from spikequant.algorithms.gbs import calibration_ppl, fingerprint
     from spikequant.data import eval_windows, load_text, recipe_calibration_windows, tokenize
+    from spikequant.export import is_quantized_dir, load_quantized
     from spikequant.models import load_model
     from spikequant.pipeline import quantize
     from spikequant.recipes import load_recipe
@@ -47,11 +56,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as gbs_search does
-    loaded = load_model(args.model, "float32", "cpu")
-    recipe = load_recipe(args.recipe)
-    tok = loaded.tokenizer
-
-    qm, _ = quantize(loaded.model, recipe, lambda: recipe_calibration_windows(recipe, tok, args.data_dir), False)
+    if is_quantized_dir(args.model):
+        if args.recipe:
+            raise SystemExit(f"{args.model} is a saved quantized model; it carries its recipe, drop --recipe")
+        loaded, qm, _, _ = load_quantized(args.model, "float32", "cpu")
+        tok = loaded.tokenizer
+    else:
+        if not args.recipe:
+            raise SystemExit("--recipe is needed to quantize --model (or pass a folder written by spikequant quantize)")
+        loaded = load_model(args.model, "float32", "cpu")
+        recipe = load_recipe(args.recipe)
+        tok = loaded.tokenizer
+        qm, _ = quantize(loaded.model, recipe, lambda: recipe_calibration_windows(recipe, tok, args.data_dir), False)
     windows = eval_windows(tokenize(tok, load_text("wikitext2", args.calib_split, args.data_dir)), args.seqlen,
                            args.calib_windows)
     rows = []
@@ -59,7 +75,7 @@ def main() -> None:
         base = calibration_ppl(qm.model, windows, args.batch_size)
         for run in args.runs:
             report = json.loads((Path(run) / "report.json").read_text(encoding="utf-8"))
-            if report["calibration"]["windows_sha256"] != fingerprint(windows):
+            if not args.other_windows and report["calibration"]["windows_sha256"] != fingerprint(windows):
                 raise SystemExit(f"{run} searched other calibration windows than --calib-windows/--seqlen give")
             apply_clip_ratios(qm, load_ratio_file(Path(run) / "ratios.json"))
             rows.append({"run": Path(run).name, "calib_ppl": calibration_ppl(qm.model, windows, args.batch_size),
