@@ -140,21 +140,63 @@ def _parse_file(path: Path) -> Any:
 
 
 def load_recipe(name_or_path: str | Path | dict) -> Recipe:
-    """A preset name, a path to a ``.yaml``/``.json`` file, or an already-parsed mapping."""
+    """A preset name, a path to a ``.yaml``/``.json`` file, or an already-parsed mapping. A recipe may
+    ``extends:`` another (a preset name, or a file path relative to the extending file): see
+    :func:`resolve_extends`."""
     if isinstance(name_or_path, dict):
-        return Recipe.from_dict(name_or_path)
+        return Recipe.from_dict(resolve_extends(name_or_path, Path.cwd(), "recipe"))
+    data, source, base_dir = _read_recipe(name_or_path)
+    return Recipe.from_dict(resolve_extends(data, base_dir, source), source=source)
+
+
+def _read_recipe(name_or_path: str | Path, base_dir: Path | None = None) -> tuple[Any, str, Path]:
+    """The parsed mapping of a recipe file or preset, a name for messages, and the folder its own
+    ``extends`` paths are relative to."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml", ".json"):
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        return Recipe.from_dict(_parse_file(path), source=str(path))
+        return _parse_file(path), str(path), path.parent
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if preset.is_file():
-        return Recipe.from_dict(_parse_file(preset), source=f"preset {name_or_path}")
+        return _parse_file(preset), f"preset {name_or_path}", PRESET_DIR
     raise RecipeError(
         f"unknown recipe preset {str(name_or_path)!r}; presets: {', '.join(list_presets())} "
         "(or give a .yaml/.json file)"
     )
+
+
+def resolve_extends(data: Any, base_dir: Path, source: str, _seen: tuple[str, ...] = ()) -> Any:
+    """A recipe mapping with its ``extends`` chain merged in: ``extends: BASE`` (a preset name or a
+    ``.yaml``/``.json`` path, relative to ``base_dir``) starts from BASE's resolved mapping, and every other
+    top-level key of this mapping replaces BASE's (``modifiers`` too, the whole list), except
+    ``append_modifiers``, which is added after BASE's modifiers. ``name`` is required (a variant names
+    itself). The result has no ``extends``: a report records the whole recipe."""
+    if not isinstance(data, dict) or "extends" not in data:
+        if isinstance(data, dict) and "append_modifiers" in data:
+            raise RecipeError(f"{source}: append_modifiers needs extends (the recipe its modifiers are added to)")
+        return data
+    base_ref = data["extends"]
+    if not isinstance(base_ref, str):
+        raise RecipeError(f"{source}: extends must be a preset name or a recipe file path, got {base_ref!r}")
+    if "name" not in data:
+        raise RecipeError(f"{source}: a recipe that extends {base_ref!r} needs its own 'name'")
+    base_data, base_source, base_base_dir = _read_recipe(base_ref, base_dir)
+    if base_source in _seen or base_source == source:
+        chain = " -> ".join((*_seen, source, base_source))
+        raise RecipeError(f"{source}: extends {base_ref!r} makes a cycle ({chain})")
+    base = resolve_extends(base_data, base_base_dir, base_source, (*_seen, source))
+    if not isinstance(base, dict):
+        raise RecipeError(f"{base_source}: a recipe is a mapping, got {type(base).__name__}")
+    out = {**base, **{k: v for k, v in data.items() if k not in ("extends", "append_modifiers")}}
+    extra = data.get("append_modifiers")
+    if extra is not None:
+        if not isinstance(extra, list):
+            raise RecipeError(f"{source}: append_modifiers must be a list")
+        out["modifiers"] = [*(out.get("modifiers") or []), *extra]
+    return out
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
