@@ -161,13 +161,6 @@ def step(a: float, m: float, b: float, x: float, better: bool) -> tuple[float, f
     return (x, m, b) if x < m else (a, m, x)
 
 
-def accept(a: float, m: float, b: float, fm: float, x: float, fx: float) -> tuple[float, float, float, float]:
-    """``step`` with the code's test, f(x) < f(m). Returns the new (a, m, b, fm)."""
-    better = fx < fm
-    a, m, b = step(a, m, b, x, better)
-    return a, m, b, fx if better else fm
-
-
 def race_decision(dx: list[float], dm: list[float], z: float, n_min: int, n_all: int,
                   n_max: int | None = None) -> bool | None:
     """The racing test on per-batch mean NLLs of x and m seen so far (equal length, in batch order):

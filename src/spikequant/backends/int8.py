@@ -453,9 +453,8 @@ class Int8GatedMLP(nn.Module):
     passes over the intermediate tensor. The submodules keep their names, so the state dict and the
     checkpoint are those of the unfused MLP; the result equals the unfused module's bit for bit (tested)."""
 
-    def __init__(self, mlp: nn.Module, parts: tuple[str, str, str, str] = ("gate_proj", "up_proj", "down_proj",
-                                                                        "act_fn")) -> None:
-        """``parts``: the MLP's attribute names of gate, up, down and the activation (``ArchSpec``'s)."""
+    def __init__(self, mlp: nn.Module, parts: tuple[str, ...]) -> None:
+        """``parts``: the MLP's attribute names of gate, up, down and the activation (from ``ArchSpec``)."""
         super().__init__()
         self._parts = parts
         for name in parts:
