@@ -44,7 +44,7 @@ def main() -> None:
                         "are the searched windows")
     args = p.parse_args()
 
-    from spikequant.algorithms.clip_ratios import apply_clip_ratios, load_ratio_file
+    from spikequant.algorithms.clip_ratios import apply_clip_ratios, clip_ratios, load_ratio_file
     from spikequant.algorithms.gbs import calibration_ppl, fingerprint
     from spikequant.data import eval_windows, load_text, recipe_calibration_windows, tokenize
     from spikequant.export import is_quantized_dir, load_quantized
@@ -73,10 +73,12 @@ def main() -> None:
     rows = []
     with torch.inference_mode():
         base = calibration_ppl(qm.model, windows, args.batch_size)
+        start = clip_ratios(qm)  # each run's ratios on top of these, not of the previous run's
         for run in args.runs:
             report = json.loads((Path(run) / "report.json").read_text(encoding="utf-8"))
             if not args.other_windows and report["calibration"]["windows_sha256"] != fingerprint(windows):
                 raise SystemExit(f"{run} searched other calibration windows than --calib-windows/--seqlen give")
+            apply_clip_ratios(qm, start)
             apply_clip_ratios(qm, load_ratio_file(Path(run) / "ratios.json"))
             rows.append({"run": Path(run).name, "calib_ppl": calibration_ppl(qm.model, windows, args.batch_size),
                          "reported": report["result"]["calib_ppl"],
