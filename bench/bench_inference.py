@@ -47,7 +47,17 @@ ROWS = {
     "bf16-compiled": "bf16, compiled (as fp32-compiled)",
     "int8-compiled": "int8 (float32 elsewhere), compiled: {prefill} for prefill, _int_mm for decode",
     "int8-bf16-compiled": "int8-bf16, compiled: {prefill} for prefill, _int_mm for decode",
+    "int8-bf16emb": "int8 linears (auto), float32 activations and float modules, the embedding table and lm_head "
+                    "stored (and applied) in bfloat16",
+    "int8-bf16emb-compiled": "int8-bf16emb, compiled: {prefill} for prefill, _int_mm for decode",
 }
+# "-flex" rows: the same, with prefill and PPL through flex_attention (compiled rows: inductor's fused kernel;
+# decode keeps SDPA: transformers' compiled decode step does not compile flex_attention on the CPU); the
+# fake-quant row with flex_attention is the PPL reference for them (attention is float in every row)
+FLEX = {"fake-quant-flex": "W8A8 fake-quant with flex_attention (the PPL reference of the -flex rows)"}
+FLEX.update({f"{k}-flex": v + "; prefill and PPL with flex_attention"
+             for k, v in ROWS.items() if k.endswith("-compiled")})
+ROWS.update(FLEX)
 
 
 def dir_bytes(path: Path) -> int:
@@ -76,8 +86,9 @@ def worker(args: argparse.Namespace) -> dict:
     from spikequant.eval.perplexity import evaluate
 
     torch.set_flush_denormal(True)  # every backend alike (the fake-quant path needs it, see eval/perplexity.py)
-    compiled = args.worker.endswith("-compiled")
-    name = args.worker.removesuffix("-compiled")
+    flex = args.worker.endswith("-flex")
+    compiled = args.worker.removesuffix("-flex").endswith("-compiled")
+    name = args.worker.removesuffix("-flex").removesuffix("-compiled")
     t = time.perf_counter()
     if name in ("fp32", "bf16"):
         from spikequant.models import load_model
@@ -92,9 +103,9 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         kernel = {"int8-int_mm": "int_mm", "int8-onednn": "onednn"}.get(name, "auto")
         path = Path(args.int8_dir)
-        bf16 = name.startswith("int8-bf16")
-        if bf16 and (path.parent / "int8-bf16").exists():
-            path = path.parent / "int8-bf16"  # int8 linears, the float modules stored in bfloat16
+        bf16 = name.startswith("int8-bf16") and name != "int8-bf16emb"
+        if name.startswith("int8-bf16"):  # the float modules (-bf16) or the table (-bf16emb) stored in bfloat16
+            path = path.parent / name.removesuffix("-eager")
         model, tok, _ = load_int8(path, kernel, torch.bfloat16 if bf16 else torch.float32,
                                   quant="eager" if name.endswith("-eager") else "auto")
     load_s = time.perf_counter() - t
@@ -105,10 +116,12 @@ def worker(args: argparse.Namespace) -> dict:
 
         out["prefill_kernel"] = f"oneDNN qlinear ({onednn_input()} input)" if onednn_usable() else "torch._int_mm"
     run = model
+    if flex and not compiled:
+        model.set_attn_implementation("flex_attention")
     if compiled:
         from spikequant.backends import compile_model
 
-        run = compile_model(model)
+        run = compile_model(model, attention="flex_attention" if flex else None)
         out["compile_s"] = {}
 
     def first_call(key: str, fn) -> None:  # compiled rows: the call that compiles, timed apart
@@ -173,22 +186,23 @@ def ensure_checkpoints(args: argparse.Namespace, work: Path) -> dict[str, int]:
         prepared = prepare(loaded.model, loaded.tokenizer, "int8", args.quantized, recipe.name)
         save_int8(prepared.model, prepared.tokenizer, args.int8_dir, args.quantized)
         del loaded, prepared
-    bf16_int8 = Path(args.int8_dir).parent / "int8-bf16"
-    if not bf16_int8.exists():
-        model, tok, _ = load_int8(args.int8_dir, dtype=torch.bfloat16)
-        save_int8(model, tok, bf16_int8, args.quantized)
-        del model
+    for kind, how in (("int8-bf16", {"dtype": torch.bfloat16}), ("int8-bf16emb", {"embedding_dtype": torch.bfloat16})):
+        if not (Path(args.int8_dir).parent / kind).exists():
+            model, tok, _ = load_int8(args.int8_dir, **how)
+            save_int8(model, tok, Path(args.int8_dir).parent / kind, args.quantized)
+            del model
+        sizes[kind] = dir_bytes(Path(args.int8_dir).parent / kind)
     for k in ("int8", "int8-int_mm", "int8-onednn"):
         sizes[k] = dir_bytes(Path(args.int8_dir))
-    sizes["int8-bf16"] = sizes["int8-bf16-eager"] = dir_bytes(bf16_int8)
+    sizes["int8-bf16-eager"] = sizes["int8-bf16"]
     for k in list(sizes):
-        sizes[f"{k}-compiled"] = sizes[k]
+        sizes[f"{k}-compiled"] = sizes[f"{k}-compiled-flex"] = sizes[f"{k}-flex"] = sizes[k]
     return sizes
 
 
 def markdown(results: list[dict], meta: dict) -> str:
     fp = next((r for r in results if r["backend"] == "fp32"), None)
-    floats = [r for r in results if r["backend"].removesuffix("-compiled") in ("fp32", "bf16")
+    floats = [r for r in results if r["backend"].removesuffix("-flex").removesuffix("-compiled") in ("fp32", "bf16")
               and "prefill_b1_tps" in r]
     mib = 1 << 20
     head = ("| backend | what runs | prefill b1 tok/s | prefill b8 tok/s | decode tok/s | weights in memory MiB | "
@@ -206,7 +220,7 @@ def markdown(results: list[dict], meta: dict) -> str:
     out = ["\n".join(lines), ""]
     if fp and floats:
         best = {k: max(floats, key=lambda r: r[k]) for k in ("prefill_b1_tps", "prefill_b8_tps", "decode_tps")}
-        fake = next((r for r in results if r["backend"] == "fake-quant"), None)
+        fakes = {r["backend"]: r for r in results if r["backend"].startswith("fake-quant")}
         for r in results:
             if not r["backend"].startswith("int8") or "prefill_b1_tps" not in r:
                 continue
@@ -217,8 +231,9 @@ def markdown(results: list[dict], meta: dict) -> str:
                              f"{r[k] / fp[k]:.2f}x fp32")
             parts.append(f"weights in memory {r['weight_bytes'] / fp['weight_bytes']:.3f} of fp32, on disk "
                          f"{meta['disk'][r['backend']] / meta['disk']['fp32']:.3f} of fp32")
-            if fake:
-                parts.append(f"PPL {100 * (r['ppl'] / fake['ppl'] - 1):+.2f} % vs fake-quant")
+            same = "fake-quant-flex" if r["backend"].endswith("-flex") else "fake-quant"
+            for k in sorted(fakes, key=lambda k: k != same):  # the same attention first
+                parts.append(f"PPL {100 * (r['ppl'] / fakes[k]['ppl'] - 1):+.2f} % vs {k}")
             out.append(f"- **{r['backend']}**: " + "; ".join(parts))
     return "\n".join(out)
 
@@ -238,8 +253,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=positive_int, default=5)
     ap.add_argument("--seqlen", type=positive_int, default=512)
     ap.add_argument("--max-windows", type=positive_int, default=8)
-    ap.add_argument("--speed-skip", nargs="*", default=["fake-quant"],
-                    help="backends measured for PPL only (default: fake-quant)")
+    ap.add_argument("--speed-skip", nargs="*", default=["fake-quant", "fake-quant-flex"],
+                    help="backends measured for PPL only (default: %(default)s)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

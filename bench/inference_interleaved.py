@@ -9,6 +9,8 @@ and what is neither).
     spikequant generate --model /tmp/q8 --backend int8 --int8-dtype bfloat16 --prompt Hi --save-int8 /tmp/q8-int8-bf16
     python bench/inference_interleaved.py --int8-dir /tmp/q8-int8-bf16 --batches 8 1 --threads 2 1 --profile 8
     python bench/inference_interleaved.py --int8-dir /tmp/q8-int8-bf16 --batches 8 1 --compiled
+    python bench/inference_interleaved.py --int8-dir /tmp/q8-int8 --int8-dtype float32 --int8-embeddings bfloat16 \
+        --batches 8 1 --compiled --flex
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true",
                     help="also each model through spikequant.backends.compile_model (torch.compile with "
                          "freezing; the compiling call is the warm-up, untimed)")
+    ap.add_argument("--flex", action="store_true",
+                    help="with --compiled: also each model compiled with flex_attention (compile_model(..., "
+                         "attention='flex_attention'))")
+    ap.add_argument("--int8-embeddings", choices=["float32", "bfloat16"], default=None,
+                    help="the int8 model's embedding table and lm_head (default: as saved)")
     ap.add_argument("--profile", type=int, default=None, metavar="BATCH",
                     help="also profile one forward per backend at this batch size (first --threads value)")
     args = ap.parse_args()
@@ -47,11 +54,17 @@ def main() -> None:
 
     torch.set_flush_denormal(True)
     int8_dtype = getattr(torch, args.int8_dtype)
+    int8 = load_int8(args.int8_dir, "auto", int8_dtype, embedding_dtype=(
+        getattr(torch, args.int8_embeddings) if args.int8_embeddings else None))[0]
+    table = str(int8.get_input_embeddings().weight.dtype).removeprefix("torch.")
     models = {"fp32": load_model(args.model, "float32", "cpu").model,
               "bf16": load_model(args.model, "bfloat16", "cpu").model,
-              f"int8 ({args.int8_dtype})": load_int8(args.int8_dir, "auto", int8_dtype)[0]}
+              f"int8 ({args.int8_dtype}" + (f", {table} table)" if table != args.int8_dtype else ")"): int8}
     if args.compiled:
-        models.update({f"{k}, compiled": compile_model(m) for k, m in list(models.items())})
+        plain = list(models.items())
+        models.update({f"{k}, compiled": compile_model(m) for k, m in plain})
+        if args.flex:
+            models.update({f"{k}, compiled, flex": compile_model(m, attention="flex_attention") for k, m in plain})
     print(f"CPU: {cpu_info()}; torch {torch.__version__}", flush=True)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():

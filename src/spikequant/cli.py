@@ -142,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.save_int8 and Path(args.save_int8).exists() and any(Path(args.save_int8).iterdir()):
         raise SpikequantError(f"--save-int8 directory {args.save_int8} is not empty")
     prepared = load_for_backend(args.model, args.backend, args.recipe, args.data_dir, args.kernel, args.int8_dtype,
-                                not args.no_progress)
+                                not args.no_progress, args.int8_embeddings)
     if args.save_int8:
         from spikequant.backends import save_int8
 
@@ -151,10 +151,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    seed=args.seed, compile=args.compile)
     import torch
 
+    emb = prepared.model.get_input_embeddings().weight.dtype
+    table = f" (embedding table and lm_head {str(emb).removeprefix('torch.')})" if emb != prepared.dtype else ""
     what = {"float": "float32" + (" fake-quant" if prepared.recipe else ""),
             "bf16": "bfloat16" + (" fake-quant" if prepared.recipe else ""),
             "int8": f"{len(prepared.int8_linears)} int8 linears ({args.kernel}), "
-                    f"{str(prepared.dtype).removeprefix('torch.')} elsewhere"}[prepared.backend]
+                    f"{str(prepared.dtype).removeprefix('torch.')} elsewhere" + table}[prepared.backend]
     print(res.text)
     print(f"\n[{prepared.backend}: {what}; recipe {prepared.recipe or 'none'}; {torch.get_num_threads()} threads] "
           f"prefill {res.prompt_tokens} tokens: {res.prefill_tps:.1f} tokens/s; "
@@ -273,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 kernel (default: %(default)s)")
     p.add_argument("--int8-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="activations and float modules of the int8 backend (default: %(default)s)")
+    p.add_argument("--int8-embeddings", default=None, choices=["float32", "bfloat16"],
+                   help="store the embedding table and lm_head of the int8 backend in this dtype (default: "
+                        "--int8-dtype; an int8 checkpoint: as saved); bfloat16 with --int8-dtype float32 halves "
+                        "the table, the rest computes in float32")
     p.add_argument("--save-int8", default=None, help="also write the int8 model to this folder (--backend int8)")
     p.add_argument("--data-dir", default=None, help="calibration text for --recipe (or $SPIKEQUANT_DATA_DIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -49,6 +49,19 @@ def test_int8_greedy_tokens_equal_fake_quant(tmp_path):
     assert real.completion == fake.completion
 
 
+def test_int8_embeddings_in_bf16_are_said_and_saved(tmp_path, capsys):
+    q = _saved(tmp_path)
+    args = ["--prompt", PROMPT, "--max-new-tokens", "4", "--no-progress"]
+    assert main(["generate", "--model", q, "--backend", "int8", "--int8-embeddings", "bfloat16",
+                 "--save-int8", str(tmp_path / "i8"), *args]) == 0
+    out = capsys.readouterr().out
+    assert "float32 elsewhere (embedding table and lm_head bfloat16)" in out
+    assert main(["generate", "--model", str(tmp_path / "i8"), "--backend", "int8", *args]) == 0
+    again = capsys.readouterr().out
+    assert "(embedding table and lm_head bfloat16)" in again
+    assert again.splitlines()[0] == out.splitlines()[0]
+
+
 def test_int8_checkpoint_generates_the_same(tmp_path, capsys):
     q = _saved(tmp_path)
     args = ["--prompt", PROMPT, "--max-new-tokens", "6", "--no-progress"]
@@ -78,6 +91,8 @@ def test_no_cache_decoding_equals_cached_for_static_models(tmp_path):
      "pass --no-cache"),
     (lambda q, t: ["--model", q, "--backend", "int8", "--compile", "--no-cache", "--prompt", "x"],
      "cannot be combined with --no-cache"),
+    (lambda q, t: ["--model", q, "--backend", "float", "--int8-embeddings", "bfloat16", "--prompt", "x"],
+     "--int8-embeddings is for --backend int8"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, make_args, needle):
     q = _saved(tmp_path)

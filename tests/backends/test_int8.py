@@ -411,3 +411,98 @@ def test_traced_int8_linear_needs_preparing():
     lin = model.model.layers[0].self_attn.q_proj
     with pytest.raises(Int8BackendError, match="compile_model or prepare_traced"):
         lin._traced_forward(torch.randn(3, lin.in_features))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: tied embeddings
+def test_embeddings_stored_apart_in_bf16(tmp_path, arch):
+    """store_embeddings keeps the table and lm_head in bfloat16 and the rest in float32: the weights shrink
+    by exactly the table's two bytes per value, the logits stay float32 and move only by the table's
+    rounding, a tied table stays tied, and the checkpoint keeps it so (same logits after reloading)."""
+    from spikequant.backends import store_embeddings
+    from spikequant.backends.int8 import activation_dtype
+
+    model = _quantized(arch=arch)
+    convert_to_int8(model)
+    with torch.no_grad():
+        ref = model(WINDOWS).logits
+    before = weight_bytes(model)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    tables = {id(model.lm_head.weight): model.lm_head.weight.numel(),
+              id(model.model.embed_tokens.weight): model.model.embed_tokens.weight.numel()}
+    store_embeddings(model, torch.bfloat16, torch.float32)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied == (arch == "qwen2")
+    assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.float32 and activation_dtype(model) == torch.float32
+    assert before - weight_bytes(model) == 2 * sum(tables.values())
+    with torch.no_grad():
+        out = model(WINDOWS).logits
+    assert out.dtype == torch.float32
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert 1e-5 < err < 3e-2, err  # bfloat16's rounding is visible, and small
+    save_int8(model, _tokenizer(), tmp_path / "i8", "tiny")
+    loaded, _, manifest = load_int8(tmp_path / "i8")
+    assert (manifest["dtype"], manifest["embedding_dtype"]) == ("float32", "bfloat16")
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded.model.norm.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(loaded(WINDOWS).logits, out)
+    # asked for float32 tables: the bfloat16 values in float32, no casts left
+    back, _, _ = load_int8(tmp_path / "i8", embedding_dtype=torch.float32)
+    assert back.model.embed_tokens.weight.dtype == torch.float32
+    store_embeddings(model, torch.float32, torch.float32)  # and on the model itself: the hooks go
+    with torch.no_grad():
+        assert torch.equal(back(WINDOWS).logits, model(WINDOWS).logits)
+
+
+def test_attention_implementation_is_switched_for_the_block_only():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from spikequant.backends.int8 import attention_implementation
+    from spikequant.errors import SpikequantError
+
+    model = _quantized()
+    convert_to_int8(model)
+    before = model.config._attn_implementation
+    seen = []
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(*args, **kwargs):
+        seen.append(1)
+        return original(*args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = spy
+    try:
+        with torch.no_grad():
+            plain = model(WINDOWS).logits
+            with attention_implementation(model, "sdpa"):
+                assert model.config._attn_implementation == "sdpa"
+                switched = model(WINDOWS).logits
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = original
+    assert before != "sdpa" and len(seen) == 2  # both layers ran the switched-to attention
+    assert model.config._attn_implementation == before
+    assert float((switched - plain).abs().max() / plain.abs().max()) < 1e-5
+    with pytest.raises(SpikequantError, match="unknown attention implementation 'flash'"), \
+            attention_implementation(model, "flash"):
+        pass
+    model.config._attn_implementation = "spikequant_sdpa"
+    with pytest.raises(SpikequantError, match="KV-cache quantization"), attention_implementation(model, "sdpa"):
+        pass
+
+
+def test_compiled_model_fails_loudly_past_the_recompile_limit(monkeypatch):
+    """Past dynamo's recompile limit a frame would silently run eagerly (other roundings, other speed) while
+    being reported as compiled: a CompiledModel raises instead."""
+    from spikequant.backends import compile_model
+
+    if not _compile_works():
+        pytest.skip("torch.compile does not work on this machine (no C++ compiler)")
+    monkeypatch.setattr(int8_module, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    compiled = compile_model(tiny_model("llama", seed=5))
+    with torch.no_grad():
+        compiled(WINDOWS[:, :8], use_cache=False)
+        with pytest.raises(Exception, match="recompile_limit"):
+            compiled(WINDOWS[:, :9], use_cache=False)  # a second shape: a second graph of the same frame
+    torch._dynamo.reset()

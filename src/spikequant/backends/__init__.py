@@ -24,6 +24,7 @@ from spikequant.backends.int8 import (
     load_int8,
     prepare_traced,
     save_int8,
+    store_embeddings,
     weight_bytes,
 )
 from spikequant.errors import SpikequantError
@@ -69,10 +70,13 @@ def cached_decoding_problem(model: nn.Module) -> str | None:
 
 
 def prepare(model: nn.Module, tokenizer: Any, backend: str, source: str, recipe: str | None = None,
-            kernel: str = DEFAULT_KERNEL, int8_dtype: torch.dtype = torch.float32) -> PreparedModel:
+            kernel: str = DEFAULT_KERNEL, int8_dtype: torch.dtype = torch.float32,
+            embedding_dtype: torch.dtype | None = None) -> PreparedModel:
     """Turn a loaded float32 model (plain, or quantized by spikequant with its state on the modules) into
     the ``backend``'s model, in place. ``int8_dtype`` is the dtype of the int8 model's activations and
-    float modules (embeddings, norms, attention, ``lm_head``, spike-exempt linears)."""
+    float modules (embeddings, norms, attention, ``lm_head``, spike-exempt linears); ``embedding_dtype``
+    (int8 only; default ``int8_dtype``) stores the embedding table and ``lm_head`` apart
+    (:func:`~spikequant.backends.int8.store_embeddings`)."""
     if backend not in BACKENDS:
         raise SpikequantError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "float":
@@ -81,6 +85,8 @@ def prepare(model: nn.Module, tokenizer: Any, backend: str, source: str, recipe:
         model.to(torch.bfloat16)
         return PreparedModel(model, tokenizer, backend, source, recipe, dtype=torch.bfloat16)
     names = convert_to_int8(model, kernel, int8_dtype)
+    if embedding_dtype is not None and embedding_dtype != int8_dtype:
+        store_embeddings(model, embedding_dtype, int8_dtype)
     return PreparedModel(model, tokenizer, backend, source, recipe, names, dtype=int8_dtype)
 
 
@@ -88,5 +94,5 @@ __all__ = [
     "BACKENDS", "DEFAULT_KERNEL", "KERNELS", "CompiledModel", "compile_model", "prepare_traced",
     "Int8BackendError", "Int8Linear", "PreparedModel",
     "cached_decoding_problem", "cast_float_parts", "check_int8_model", "convert_to_int8", "is_int8_dir",
-    "load_int8", "prepare", "save_int8", "weight_bytes",
+    "load_int8", "prepare", "save_int8", "store_embeddings", "weight_bytes",
 ]

@@ -49,7 +49,7 @@ class _Clock:
 
 def load_for_backend(model: str, backend: str, recipe: str | None = None, data_dir: str | None = None,
                      kernel: str = DEFAULT_KERNEL, int8_dtype: str = "float32",
-                     progress: bool = True) -> PreparedModel:
+                     progress: bool = True, int8_embeddings: str | None = None) -> PreparedModel:
     """``model``: a hub id / built-in name / local HF folder (optionally quantized here by ``recipe``, which
     then needs its calibration text under ``data_dir``), a folder written by ``spikequant quantize``, or an
     int8 folder written by :func:`~spikequant.backends.int8.save_int8`. Checks what can be checked before
@@ -62,13 +62,18 @@ def load_for_backend(model: str, backend: str, recipe: str | None = None, data_d
         raise SpikequantError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if int8_dtype not in ("float32", "bfloat16"):
         raise SpikequantError(f"int8 backend activations must be float32 or bfloat16, got {int8_dtype}")
+    if int8_embeddings not in (None, "float32", "bfloat16"):
+        raise SpikequantError(f"int8 backend embeddings must be float32 or bfloat16, got {int8_embeddings}")
+    if int8_embeddings and backend != "int8":
+        raise SpikequantError("--int8-embeddings is for --backend int8")
     dtype = DTYPES[int8_dtype]
+    table = DTYPES[int8_embeddings] if int8_embeddings else None
     if is_int8_dir(model):
         if backend != "int8":
             raise SpikequantError(f"{model} is an int8 checkpoint; it runs on --backend int8 only")
         if recipe:
             raise SpikequantError(f"{model} is an int8 checkpoint; it carries its quantization, drop --recipe")
-        m, tok, manifest = load_int8(model, kernel, dtype)
+        m, tok, manifest = load_int8(model, kernel, dtype, embedding_dtype=table)
         return PreparedModel(m, tok, "int8", model, None, list(manifest["int8_linears"]), dtype)
     if is_quantized_dir(model):
         if recipe:
@@ -81,7 +86,7 @@ def load_for_backend(model: str, backend: str, recipe: str | None = None, data_d
 
             check_manifest(json.loads((Path(model) / MANIFEST).read_text(encoding="utf-8")), model)
         loaded, _qm, rec, _ = load_quantized(model, "float32", "cpu")
-        return prepare(loaded.model, loaded.tokenizer, backend, model, rec.name, kernel, dtype)
+        return prepare(loaded.model, loaded.tokenizer, backend, model, rec.name, kernel, dtype, table)
     if Path(model).is_dir() and not (Path(model) / "config.json").exists():
         raise SpikequantError(f"{model} is not a model folder (no config.json, spikequant.json or "
                               "spikequant-int8.json)")
@@ -99,7 +104,7 @@ def load_for_backend(model: str, backend: str, recipe: str | None = None, data_d
         from spikequant.pipeline import quantize
 
         quantize(loaded.model, rec, lambda: recipe_calibration_windows(rec, loaded.tokenizer, data_dir), progress)
-    return prepare(loaded.model, loaded.tokenizer, backend, model, rec.name if rec else None, kernel, dtype)
+    return prepare(loaded.model, loaded.tokenizer, backend, model, rec.name if rec else None, kernel, dtype, table)
 
 
 @torch.inference_mode()

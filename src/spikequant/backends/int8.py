@@ -21,6 +21,8 @@ import json
 import os
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -419,6 +421,9 @@ def prepare_traced(model: nn.Module) -> int:
     return n
 
 
+RECOMPILE_LIMIT = 64  # graphs per code object for a CompiledModel's calls (dynamo's default is 8)
+
+
 class CompiledModel:
     """``torch.compile(model)`` (static shapes: one graph per input shape) called with inductor's freezing
     on, so parameters are graph constants (weights prepacked for oneDNN, int8 linears on oneDNN's qlinear
@@ -427,19 +432,56 @@ class CompiledModel:
     calls of one shape (benchmarks, batch serving), not one-off prompts."""
 
     def __init__(self, model: nn.Module, freezing: bool = True, fullgraph: bool = False,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, attention: str | None = None) -> None:
         prepare_traced(model)
-        self.model, self.freezing = model, freezing
+        self.model, self.freezing, self.attention = model, freezing, attention
         self._fn = torch.compile(model, dynamic=False, fullgraph=fullgraph, options=options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=self.freezing):
+        # dynamo keeps compiled graphs per code object, shared with every other torch.compile of the same
+        # model (transformers' compiled decode step too); past its recompile limit (8) it silently runs the
+        # frame eagerly, which computes with other roundings (a PPL measured "compiled" was the eager one's,
+        # seen with flex_attention). A higher limit, and an error rather than a silent fallback.
+        limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+        with (inductor_config.patch(freezing=self.freezing),
+              torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True),
+              attention_implementation(self.model, self.attention)):
             return self._fn(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:  # config, device, ... of the wrapped model
         return getattr(self.__dict__["model"], name)
+
+
+ATTENTIONS = ("sdpa", "eager", "flex_attention")
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, attention: str | None) -> Iterator[None]:
+    """Run the block with the model's attention set to ``attention`` (a transformers attention
+    implementation; None: unchanged), then set it back. :class:`CompiledModel` uses it so that a compiled
+    forward can run e.g. ``flex_attention`` (which inductor turns into one fused C++ kernel on the CPU:
+    measured faster than SDPA in float32 there, docs/inference.md) while the same model's eager and
+    cached-decoding calls keep the attention they were loaded with (``flex_attention`` in eager mode, or
+    in transformers' compiled decode step with a static cache, is slow or fails to compile on the CPU)."""
+    if attention is None:
+        yield
+        return
+    if attention not in ATTENTIONS:
+        raise SpikequantError(f"unknown attention implementation {attention!r}; choose from {', '.join(ATTENTIONS)}")
+    before = model.config._attn_implementation
+    if before and before.startswith("spikequant_"):
+        raise SpikequantError(f"the model's attention ({before}) carries spikequant's KV-cache quantization; "
+                              f"it cannot run as {attention}")
+    if before == attention:
+        yield
+        return
+    model.set_attn_implementation(attention)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def compile_model(model: nn.Module, **kwargs: Any) -> CompiledModel:
@@ -713,6 +755,60 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+EMBEDDING_HOOKS = "_spikequant_embedding_hooks"
+
+
+def store_embeddings(model: nn.Module, dtype: torch.dtype, activations: torch.dtype) -> nn.Module:
+    """Store the input embedding table and ``lm_head`` (tied or not) in ``dtype`` while the rest of the
+    model computes in ``activations``: the lookup's output is cast to ``activations``, ``lm_head``'s input
+    to ``dtype`` and its logits back to ``activations`` (hooks on the two modules; calling it again with
+    ``dtype == activations`` removes them). What it is for: the int8 backend with float32 activations,
+    where SmolLM2's float32 table (21 % of its parameters) alone keeps the weights above 1/3 of fp32."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    for m in (emb, head):
+        for h in getattr(m, EMBEDDING_HOOKS, []) if m is not None else []:
+            h.remove()
+    done: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for m in (emb, head):
+            if m is None:
+                continue
+            w = m.weight
+            if id(w) not in done:
+                done[id(w)] = nn.Parameter(w.to(dtype), requires_grad=False) if w.dtype != dtype else w
+            m.weight = done[id(w)]
+    if tied:
+        head.weight = emb.weight
+    if dtype == activations:
+        for m in (emb, head):
+            if m is not None:
+                setattr(m, EMBEDDING_HOOKS, [])
+        return model
+
+    def to_activations(_m: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        return out.to(activations)
+
+    def to_table(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0].to(dtype), *args[1:])
+
+    setattr(emb, EMBEDDING_HOOKS, [emb.register_forward_hook(to_activations)])
+    if head is not None:
+        setattr(head, EMBEDDING_HOOKS, [head.register_forward_pre_hook(to_table),
+                                        head.register_forward_hook(to_activations)])
+    return model
+
+
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its first floating-point parameter outside the embedding table
+    and ``lm_head`` (which :func:`store_embeddings` may keep in another dtype)."""
+    tables = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    for p in model.parameters():
+        if p.is_floating_point() and id(p) not in tables:
+            return p.dtype
+    return next(model.parameters()).dtype
+
+
 def convert_to_int8(model: nn.Module, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype = torch.float32,
                     progress: bool = False, quant: str | None = None) -> list[str]:
     """Swap every quantized linear of a W8A8 static model for an :class:`Int8Linear` (in place); float
@@ -771,7 +867,8 @@ def save_int8(model: nn.Module, tokenizer: Any, output: str | Path, source: str 
         schemes[n] = None if s is None else {k: (None if getattr(s, k) is None else getattr(s, k).to_dict())
                                              for k in ("weights", "inputs", "outputs")}
     manifest = {"format": "spikequant-int8", "format_version": INT8_FORMAT_VERSION, "source": source,
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "dtype": str(activation_dtype(model)).removeprefix("torch."),
+                "embedding_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
                 "attn_implementation": (model.config._attn_implementation or "sdpa").removeprefix("spikequant_"),
                 "int8_linears": int8, "schemes": schemes}
     (out / INT8_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -783,10 +880,12 @@ def is_int8_dir(path: str | Path) -> bool:
 
 
 def load_int8(path: str | Path, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype | None = None,
-              quant: str | None = None):
+              quant: str | None = None, embedding_dtype: torch.dtype | None = None):
     """Load a folder written by :func:`save_int8`: the model is built from its config, the int8 linears
-    put in place, then the tensors loaded (no float copy of the int8 weights is ever made).
-    Returns (model, tokenizer, manifest)."""
+    put in place, then the tensors loaded (no float copy of the int8 weights is ever made). ``dtype``:
+    the activations and float modules (default: as saved); ``embedding_dtype``: the embedding table and
+    ``lm_head`` (default: as saved if the checkpoint stores them apart, else ``dtype``; see
+    :func:`store_embeddings`). Returns (model, tokenizer, manifest)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -831,8 +930,12 @@ def load_int8(path: str | Path, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype
         missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:
         raise ModelLoadError(f"{path / 'model.safetensors'} lacks {missing[0]} (and {len(missing) - 1} more)")
-    if dtype is not None and dtype != saved_dtype:
-        cast_float_parts(model, dtype)
+    saved_table = DTYPES[manifest.get("embedding_dtype", manifest.get("dtype", "float32"))]
+    act = saved_dtype if dtype is None else dtype
+    table = embedding_dtype or (saved_table if dtype is None or saved_table != saved_dtype else act)
+    cast_float_parts(model, act)
+    if table != act:
+        store_embeddings(model, table, act)
     share_inputs(model)
     fuse_mlps(model)
     fuse_norms(model)
