@@ -766,14 +766,15 @@ def store_embeddings(model: nn.Module, dtype: torch.dtype, activations: torch.dt
     where SmolLM2's float32 table (21 % of its parameters) alone keeps the weights above 1/3 of fp32."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
-    for m in (emb, head):
-        for h in getattr(m, EMBEDDING_HOOKS, []) if m is not None else []:
+    # a quantized lm_head (an Int8Linear: int8 weight buffer) is not a float table: left as it is
+    tables = [m for m in (emb, head) if m is not None and not isinstance(m, Int8Linear)]
+    for m in tables:
+        for h in getattr(m, EMBEDDING_HOOKS, []):
             h.remove()
+        setattr(m, EMBEDDING_HOOKS, [])
     done: dict[int, nn.Parameter] = {}
     with torch.no_grad():
-        for m in (emb, head):
-            if m is None:
-                continue
+        for m in tables:
             w = m.weight
             if id(w) not in done:
                 done[id(w)] = nn.Parameter(w.to(dtype), requires_grad=False) if w.dtype != dtype else w
@@ -781,9 +782,6 @@ def store_embeddings(model: nn.Module, dtype: torch.dtype, activations: torch.dt
     if tied:
         head.weight = emb.weight
     if dtype == activations:
-        for m in (emb, head):
-            if m is not None:
-                setattr(m, EMBEDDING_HOOKS, [])
         return model
 
     def to_activations(_m: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
@@ -792,8 +790,9 @@ def store_embeddings(model: nn.Module, dtype: torch.dtype, activations: torch.dt
     def to_table(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (args[0].to(dtype), *args[1:])
 
-    setattr(emb, EMBEDDING_HOOKS, [emb.register_forward_hook(to_activations)])
-    if head is not None:
+    if emb in tables:
+        setattr(emb, EMBEDDING_HOOKS, [emb.register_forward_hook(to_activations)])
+    if head in tables:
         setattr(head, EMBEDDING_HOOKS, [head.register_forward_pre_hook(to_table),
                                         head.register_forward_hook(to_activations)])
     return model
