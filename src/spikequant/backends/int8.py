@@ -731,8 +731,10 @@ def _strip_fake_quant(linear: nn.Module) -> None:
 
 def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast every floating-point parameter and buffer to ``dtype`` except those of :class:`Int8Linear`
-    modules (their scales stay float32: an int8 grid times a rounded scale would no longer be exact)."""
-    skip = {id(t) for m in model.modules() if isinstance(m, Int8Linear) for t in m.buffers()}
+    modules (their scales stay float32: an int8 grid times a rounded scale would no longer be exact) and
+    the tables :func:`store_embeddings` keeps in their own dtype."""
+    skip = {id(t) for m in model.modules() if isinstance(m, Int8Linear) or getattr(m, EMBEDDING_HOOKS, None)
+            for t in [*m.buffers(), *m.parameters()]}
     done: dict[int, torch.Tensor] = {}  # one new tensor per old one: tied weights stay tied
     with torch.no_grad():
         for m in model.modules():
@@ -931,10 +933,10 @@ def load_int8(path: str | Path, kernel: str = DEFAULT_KERNEL, dtype: torch.dtype
         raise ModelLoadError(f"{path / 'model.safetensors'} lacks {missing[0]} (and {len(missing) - 1} more)")
     saved_table = DTYPES[manifest.get("embedding_dtype", manifest.get("dtype", "float32"))]
     act = saved_dtype if dtype is None else dtype
-    table = embedding_dtype or (saved_table if dtype is None or saved_table != saved_dtype else act)
-    cast_float_parts(model, act)
-    if table != act:
+    table = embedding_dtype or (saved_table if saved_table != saved_dtype else act)
+    if table != act:  # first, so that the cast below leaves the table as stored (no float32 round trip)
         store_embeddings(model, table, act)
+    cast_float_parts(model, act)
     share_inputs(model)
     fuse_mlps(model)
     fuse_norms(model)
