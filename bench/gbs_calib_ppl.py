@@ -14,7 +14,10 @@ Usage::
 
 ``--model DIR`` (a folder written by ``spikequant quantize``, no ``--recipe``) measures on that saved model,
 e.g. GPTQ weights quantized once for every search; ``--calib-split test --other-windows`` measures the same
-ratio files on test windows instead (no check that they are the searched windows).
+ratio files on test windows instead (no check that they are the searched windows). ``--layers K`` measures
+the state a ``--layers K`` search ends in (only the first K layers' activation and K-cache quantizers on,
+the V caches quantized everywhere); ``--dtype float64`` runs the same fake-quantized model in float64, a
+referee that float32 summation order does not move.
 """
 
 from __future__ import annotations
@@ -39,12 +42,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--runs", nargs="+", required=True, help="search output folders (each with ratios.json)")
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--layers", type=int, default=None,
+                   help="as the searches' --layers K: only the first K layers' activation / K-cache quantizers on")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="run the model in this dtype (float64: no float32 summation-order rounding flips)")
     p.add_argument("--other-windows", action="store_true",
                    help="measure on windows the searches did not use (e.g. --calib-split test): no check that they "
                         "are the searched windows")
     args = p.parse_args()
 
-    from spikequant.algorithms.clip_ratios import apply_clip_ratios, clip_ratios, load_ratio_file
+    from spikequant.algorithms.clip_ratios import activation_quantizers, apply_clip_ratios, clip_ratios, load_ratio_file
     from spikequant.algorithms.gbs import calibration_ppl, fingerprint
     from spikequant.data import eval_windows, load_text, recipe_calibration_windows, tokenize
     from spikequant.export import is_quantized_dir, load_quantized
@@ -59,7 +66,7 @@ def main() -> None:
     if is_quantized_dir(args.model):
         if args.recipe:
             raise SystemExit(f"{args.model} is a saved quantized model; it carries its recipe, drop --recipe")
-        loaded, qm, _, _ = load_quantized(args.model, "float32", "cpu")
+        loaded, qm, _, _ = load_quantized(args.model, args.dtype, "cpu")
         tok = loaded.tokenizer
     else:
         if not args.recipe:
@@ -68,6 +75,14 @@ def main() -> None:
         recipe = load_recipe(args.recipe)
         tok = loaded.tokenizer
         qm, _ = quantize(loaded.model, recipe, lambda: recipe_calibration_windows(recipe, tok, args.data_dir), False)
+        qm.model.to(getattr(torch, args.dtype))
+    if args.layers is not None:  # the searches' final state: later layers pass through, V caches stay on
+        index = activation_quantizers(qm)
+        v_cache = {id(q) for (_, k), qs in index.items() if k == "v_cache" for q in qs}
+        for (layer, _), qs in index.items():
+            for q in qs:
+                if layer >= args.layers and id(q) not in v_cache:
+                    q.enabled = False
     windows = eval_windows(tokenize(tok, load_text("wikitext2", args.calib_split, args.data_dir)), args.seqlen,
                            args.calib_windows)
     rows = []
@@ -83,15 +98,17 @@ def main() -> None:
             rows.append({"run": Path(run).name, "calib_ppl": calibration_ppl(qm.model, windows, args.batch_size),
                          "reported": report["result"]["calib_ppl"],
                          "reported_threads": report["environment"].get("torch_threads")})
-    print(f"threads {torch.get_num_threads()}, batch {args.batch_size}, {len(windows)} x {args.seqlen} "
-          f"{args.calib_split} tokens; clip 1.0: {base:.3f}")
+    print(f"threads {torch.get_num_threads()}, {args.dtype}, batch {args.batch_size}, {len(windows)} x {args.seqlen} "
+          f"{args.calib_split} tokens{'' if args.layers is None else f', first {args.layers} layers quantized'}; "
+          f"clip 1.0: {base:.3f}")
     print("| run | calib PPL (here) | vs first run | as the search reported it (its threads) |")
     print("|---|---:|---:|---:|")
     for r in rows:
         rel = 100 * (r["calib_ppl"] / rows[0]["calib_ppl"] - 1)
         print(f"| {r['run']} | {r['calib_ppl']:.3f} | {rel:+.2f} % | {r['reported']:.3f} ({r['reported_threads']}) |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"clip1": base, "rows": rows, "environment": environment()},
+        Path(args.json).write_text(json.dumps({"clip1": base, "rows": rows, "dtype": args.dtype, "layers": args.layers,
+                                               "threads": torch.get_num_threads(), "environment": environment()},
                                               indent=1), encoding="utf-8")
 
 
