@@ -52,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
 
     from spikequant.algorithms.clip_ratios import activation_quantizers, apply_clip_ratios, clip_ratios, load_ratio_file
-    from spikequant.algorithms.gbs import calibration_ppl, fingerprint
+    from spikequant.algorithms.gbs import calibration_ppl, fingerprint, gradual_start
     from spikequant.data import eval_windows, load_text, recipe_calibration_windows, tokenize
     from spikequant.export import is_quantized_dir, load_quantized
     from spikequant.models import load_model
@@ -76,13 +76,12 @@ def main() -> None:
         tok = loaded.tokenizer
         qm, _ = quantize(loaded.model, recipe, lambda: recipe_calibration_windows(recipe, tok, args.data_dir), False)
         qm.model.to(getattr(torch, args.dtype))
-    if args.layers is not None:  # the searches' final state: later layers pass through, V caches stay on
+    if args.layers is not None:  # the state a --layers K search ends in: its slots on, the rest as before it
         index = activation_quantizers(qm)
-        v_cache = {id(q) for (_, k), qs in index.items() if k == "v_cache" for q in qs}
+        gradual_start(index)
         for (layer, _), qs in index.items():
             for q in qs:
-                if layer >= args.layers and id(q) not in v_cache:
-                    q.enabled = False
+                q.enabled = q.enabled or layer < args.layers
     windows = eval_windows(tokenize(tok, load_text("wikitext2", args.calib_split, args.data_dir)), args.seqlen,
                            args.calib_windows)
     rows = []

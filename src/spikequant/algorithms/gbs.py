@@ -336,6 +336,19 @@ def _float_activations(qm: QuantizedModel) -> Iterator[None]:
 
 # --- the search -----------------------------------------------------------------------------------------
 
+def _v_cache_ids(index: dict[tuple[int, str], list[ActivationQuantizer]]) -> set[int]:
+    return {id(q) for (_, k), qs in index.items() if k == "v_cache" for q in qs}
+
+
+def gradual_start(index: dict[tuple[int, str], list[ActivationQuantizer]]) -> None:
+    """Every slot of ``index`` (:func:`activation_quantizers`) as before a search reaches it: only the V
+    caches quantize, every other activation and K-cache quantizer passes through."""
+    v_cache = _v_cache_ids(index)
+    for qs in index.values():
+        for q in qs:
+            q.enabled = id(q) in v_cache
+
+
 @dataclass(frozen=True)
 class _Rule:
     """How one slot's bisection judges a probe: ``start()`` evaluates what must be known before the first
@@ -368,7 +381,7 @@ class _Search:
         self.plan = [(i, k) for i in order for k in slot_order if (i, k) in self.index]
         if not self.plan:
             raise RecipeError("gbs: the model has no quantized activation or KV-cache slot to search")
-        self.v_cache = {id(q) for (_, k), qs in self.index.items() if k == "v_cache" for q in qs}
+        self.v_cache = _v_cache_ids(self.index)
         self.batches = _batches(windows, config.batch_size)
         self.probes = 0
         self.layer_forwards = 0
@@ -752,10 +765,7 @@ class _Search:
             c = state["counters"]
             self.probes, self.layer_forwards, self.seconds = c["probes"], c["layer_forwards"], c["seconds"]
             self.sublayer_forwards = dict(c["sublayer_forwards"])
-        # Gradual start: only the V caches quantize; each slot switches on when the search reaches it.
-        for key_qs in self.index.values():
-            for q in key_qs:
-                q.enabled = id(q) in self.v_cache
+        gradual_start(self.index)  # each slot switches on when the search reaches it
         for s in done:
             self.set_slot(s.layer, s.key, s.ratio)
         finished = {(s.layer, s.key) for s in done}
